@@ -1,0 +1,1 @@
+"""Checkpoint I/O: safe file reading, format detection, one key map per format, loaders and writers."""

@@ -1,0 +1,1 @@
+"""User interfaces: the `sdxl` command line (and later the server)."""
