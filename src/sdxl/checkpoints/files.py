@@ -9,7 +9,10 @@ tensors and plain containers, so opening a file never runs code from it.
 from __future__ import annotations
 
 import json
+import re
 import struct
+import warnings
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -40,13 +43,21 @@ class TensorFile(Mapping[str, Tensor]):
     def __init__(self, paths: list[Path]):
         self.paths = paths
         self._index: dict[str, tuple[int, str, tuple[int, ...]]] = {}
+        self._offsets: dict[str, int] = {}  # absolute byte offset of each tensor's data
         self._handles = []
+        # True: tensors are read into fresh memory (pread) instead of mapped. Loaders set it when
+        # every tensor is converted or moved anyway, so the file's pages never join the process's
+        # resident memory next to the converted copy.
+        self.copy_reads = False
         self.metadata: dict[str, str] = {}
         for i, path in enumerate(paths):
             header = read_safetensors_header(path)
             self.metadata.update(header.pop("__metadata__", None) or {})
+            with open(path, "rb") as f:
+                data_start = 8 + struct.unpack("<Q", f.read(8))[0]
             for name, entry in header.items():
                 self._index[name] = (i, entry["dtype"], tuple(entry["shape"]))
+                self._offsets[name] = data_start + entry["data_offsets"][0]
             try:
                 self._handles.append(safe_open(str(path), framework="pt"))
             except Exception as e:  # safetensors raises its own error types
@@ -57,7 +68,16 @@ class TensorFile(Mapping[str, Tensor]):
         return self.paths[0]
 
     def __getitem__(self, name: str) -> Tensor:
-        i = self._index[name][0]
+        i, dtype_name, shape = self._index[name]
+        if self.copy_reads and dtype_name in SAFETENSORS_DTYPES:
+            dtype = SAFETENSORS_DTYPES[dtype_name]
+            nbytes = _numel(shape) * dtype.itemsize
+            raw = torch.empty(nbytes, dtype=torch.uint8)  # not zero-filled: read straight into it
+            with open(self.paths[i], "rb", buffering=0) as f:
+                f.seek(self._offsets[name])
+                if f.readinto(raw.numpy()) != nbytes:
+                    raise CheckpointError(f"{self.paths[i]}: truncated while reading {name}")
+            return raw.view(dtype).reshape(shape)
         return self._handles[i].get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:
@@ -79,6 +99,13 @@ class TensorFile(Mapping[str, Tensor]):
             if name.startswith(prefix):
                 counts[dt] = counts.get(dt, 0) + 1
         return counts
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 class PickledTensors(dict):
@@ -129,12 +156,17 @@ def read_safetensors_header(path: Path) -> dict:
     end = 0
     for name, entry in header.items():
         if name == "__metadata__":
+            if entry is not None and not isinstance(entry, dict):
+                raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not a JSON object)")
             continue
         try:
             begin, stop = entry["data_offsets"]
-            entry["dtype"], entry["shape"]
+            ok = isinstance(entry["dtype"], str) and isinstance(entry["shape"], list)
+            ok = ok and all(isinstance(x, int) and x >= 0 for x in [begin, stop, *entry["shape"]]) and begin <= stop
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header (bad entry for {name!r})") from None
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{path}: corrupt safetensors header (bad entry for {name!r})")
         end = max(end, stop)
     if 8 + n + end > size:
         raise CheckpointError(
@@ -147,6 +179,8 @@ def read_safetensors_header(path: Path) -> dict:
 def _describe_start(path: Path) -> str:
     with open(path, "rb") as f:
         start = f.read(64)
+    if start[8:9] == b"{":
+        return "it looks like a safetensors file cut short inside its header (an incomplete download?)"
     if start[:2] == b"PK":
         return "it looks like a zip archive (a PyTorch .ckpt/.pt pickle)"
     if start[:1] == b"\x80":
@@ -172,18 +206,31 @@ def open_tensors(path: str | Path) -> TensorFile | PickledTensors:
 
 def _load_pickle(path: Path) -> PickledTensors:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols: not the user's business
+            warnings.simplefilter("ignore")
+            # mmap works only for the zip format; older (legacy) pickles are read whole, equally safely.
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # UnpicklingError, RuntimeError for non-zip files, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"{path}: refused to load this pickle file: it holds more than plain tensors or is corrupt "
-            f"({reason[:200]}). Only weights_only pickles are read; prefer a .safetensors file."
+            f"{path}: refused to load this pickle file: {_pickle_refusal(e)}. "
+            "Only weights_only pickles are read; prefer a .safetensors file."
         ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: the pickle does not hold a state dict of tensors")
     return PickledTensors(path, obj)
+
+
+def _pickle_refusal(e: Exception) -> str:
+    """One line on why torch.load(weights_only=True) refused a file (torch's text is long and
+    suggests weights_only=False, which would run the file's code)."""
+    if "Weights only load failed" in str(e):
+        found = re.search(r"(Unsupported [^\n]*|Trying to load [^\n]*)", str(e))
+        detail = found.group(1).split(" Please use", 1)[0].strip() if found else "objects other than tensors"
+        return f"it holds more than plain tensors ({detail[:200]})"
+    text = " ".join(str(e).split())
+    return f"it is corrupt or not a PyTorch checkpoint ({type(e).__name__}: {text[:200]})"
 
 
 def save_tensors(tensors: Mapping[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:

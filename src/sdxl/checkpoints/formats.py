@@ -98,8 +98,13 @@ def single_file_kind(tensors) -> str:
     kind = getattr(tensors, "metadata", {}).get("sdxl.kind")
     if kind in ("base", "refiner", "inpaint"):
         return "refiner" if kind == "refiner" else "base"
-    adm = tensors.shape(LABEL_EMB)[1]
+    shape = tensors.shape(LABEL_EMB)
+    adm = shape[1] if len(shape) == 2 else None
     if adm not in ADM_WIDTHS:
+        if adm is None:
+            raise CheckpointError(
+                f"{tensors.path}: {LABEL_EMB} has shape {tuple(shape)}; SDXL's is an [out, 2816 or 2560] matrix"
+            )
         raise CheckpointError(
             f"{tensors.path}: a U-Net with a {adm}-wide additional embedding; SDXL base has 2816 and the refiner 2560"
         )
@@ -120,6 +125,11 @@ def identify_keys(keys: set[str]) -> str | None:
         return "a Stable Diffusion 2.x checkpoint (OpenCLIP ViT-H text encoder)"
     if has("cond_stage_model.transformer."):
         return "a Stable Diffusion 1.x checkpoint (CLIP ViT-L text encoder, 768-wide context)"
+    if has("model.diffusion_model.") and has("conditioner.embedders."):
+        return (
+            f"an sgm-layout checkpoint whose U-Net has no {LABEL_EMB} "
+            "(another model family such as SD 2.1 Turbo, or a damaged SDXL file)"
+        )
     if has("lora_") or has(".lora.") or has("lora_unet_"):
         return "a LoRA (a set of weight differences), not a full model"
     if has("down_blocks.") and has("conv_in.weight") and not has("encoder."):
@@ -145,8 +155,12 @@ def describe_tensors(tensors, path: Path) -> Description:
     keys = set(tensors)
     if LABEL_EMB in keys:
         kind = single_file_kind(tensors)
+        if UNET_IN not in keys or len(tensors.shape(UNET_IN)) != 4:
+            raise CheckpointError(f"{path}: an SDXL-like U-Net without a 4-d {UNET_IN} (a damaged or partial file)")
+        # position_ids is a buffer, not a weight; bigG's logit_scale is a parameter of the OpenCLIP
+        # model and is counted, as in the official numbers (694,659,841).
         components = {
-            name: _component(tensors, name, prefix, skip=("position_ids", "logit_scale"))
+            name: _component(tensors, name, prefix, skip=("position_ids",))
             for name, prefix in OFFICIAL_PREFIXES[kind].items()
             if any(k.startswith(prefix) for k in keys)
         }
@@ -160,6 +174,8 @@ def describe_tensors(tensors, path: Path) -> Description:
             notes.append("lacks " + ", ".join(missing) + ": supply them from another checkpoint")
         return Description(path, "single-file", kind, components, notes)
     if "encoder.conv_in.weight" in keys and "decoder.conv_out.weight" in keys:
+        if "post_quant_conv.weight" not in keys and "decoder.conv_in.weight" not in keys:
+            raise CheckpointError(f"{path}: a VAE-like file without decoder.conv_in.weight (a damaged or partial file)")
         latent = tensors.shape("post_quant_conv.weight")[0] if "post_quant_conv.weight" in keys else tensors.shape("decoder.conv_in.weight")[1]
         if latent != 4:
             raise CheckpointError(f"{path}: a VAE with {latent} latent channels (SD3/Flux style); SDXL's VAE has 4")
@@ -187,7 +203,10 @@ def diffusers_weight_files(folder: Path, variant: str | None = None) -> list[Pat
                 return [folder / name]
             index = folder / f"{name}.index.json"
             if index.is_file():
-                weight_map = json.loads(index.read_text())["weight_map"]
+                info = read_json(index)
+                weight_map = info.get("weight_map") if isinstance(info, dict) else None
+                if not isinstance(weight_map, dict) or not weight_map:
+                    raise CheckpointError(f"{index}: no 'weight_map' in this shard index")
                 return [folder / f for f in sorted(set(weight_map.values()))]
     for v in variants:
         for stem in stems:
@@ -213,6 +232,8 @@ def diffusers_components(folder: Path) -> tuple[str, dict[str, str]]:
     if not index.is_file():
         raise CheckpointError(f"{folder}: not a diffusers folder (no model_index.json) and not a weight file")
     info = read_json(index)
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{index}: not a JSON object")
     cls = info.get("_class_name", "?")
     if cls not in DIFFUSERS_PIPELINES:
         raise CheckpointError(f"{folder}: not an SDXL pipeline: model_index.json names {cls}")

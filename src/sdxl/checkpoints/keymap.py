@@ -125,7 +125,12 @@ def convert(
             raise CheckpointError(f"{where}: {len(unused)} unexpected tensor(s): {_listing(unused)}")
     out = {}
     for r in rules:
-        out[r.target] = r.load([tensors[s] for s in r.sources])
+        parts = [tensors[s] for s in r.sources]
+        try:
+            out[r.target] = r.load(parts)
+        except RuntimeError:  # e.g. q/k/v of different widths cannot be fused
+            shapes = ", ".join(f"{s} {tuple(t.shape)}" for s, t in zip(r.sources, parts))
+            raise CheckpointError(f"{where}: tensor(s) of the wrong shape: {shapes}") from None
     return out
 
 
@@ -151,11 +156,17 @@ def check_covers(rules: KeyMap, module: torch.nn.Module, *, where: str) -> None:
         )
 
 
-def check_shapes(state: Mapping[str, Tensor], module: torch.nn.Module, *, where: str) -> None:
-    """Every converted tensor has the shape the module (built from the config) expects."""
+def check_shapes(
+    state: Mapping[str, Tensor], module: torch.nn.Module, *, where: str, rules: KeyMap | None = None
+) -> None:
+    """Every converted tensor has the shape the module (built from the config) expects.
+
+    With `rules`, errors name the file's tensors rather than ours.
+    """
     expected = module.state_dict()
+    names = {r.target: " + ".join(r.sources) for r in rules or []}
     bad = [
-        f"{k}: file {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+        f"{names.get(k, k)}: file {tuple(v.shape)}, model {tuple(expected[k].shape)}"
         for k, v in state.items()
         if tuple(v.shape) != tuple(expected[k].shape)
     ]

@@ -80,6 +80,15 @@ def _device_dtype(dtype: torch.dtype | str | None, device: torch.device | str | 
     return dtype or torch.float32, device
 
 
+def _prefer_copies(tensors: Mapping[str, Tensor], dtype: torch.dtype, device: torch.device) -> None:
+    """Map the file when its tensors can be used as they are; read copies when each is converted."""
+    source, prefix = (tensors.tensors, tensors.prefix) if isinstance(tensors, Prefixed) else (tensors, "")
+    if isinstance(source, TensorFile):
+        stored = {source.dtype(prefix + k) for k in tensors}
+        floats = {d for d in stored if d is not None and d.is_floating_point}
+        source.copy_reads = device.type != "cpu" or floats != {dtype}
+
+
 def build(
     model_cls: type[nn.Module],
     config,
@@ -93,10 +102,11 @@ def build(
 ) -> nn.Module:
     """Build `model_cls(config)` on the meta device and fill it from `tensors` through `rules`."""
     dtype, device = _device_dtype(dtype, device)
+    _prefer_copies(tensors, dtype, device)
     with torch.device("meta"):
         model = model_cls(config)
     state = convert(tensors, rules, where=where, ignore=ignore)
-    check_shapes(state, model, where=where)
+    check_shapes(state, model, where=where, rules=rules)
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
@@ -121,7 +131,10 @@ def official_configs(tensors: Mapping[str, Tensor], kind: str) -> dict[str, obje
     """
     saved = getattr(tensors, "metadata", {}).get(METADATA_CONFIGS)
     if saved:
-        return {name: config_from_dict(CONFIG_CLASSES[name], c) for name, c in json.loads(saved).items()}
+        try:
+            return {name: config_from_dict(CONFIG_CLASSES[name], c) for name, c in json.loads(saved).items()}
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{getattr(tensors, 'path', '?')}: unreadable model configs in the file's metadata ({e})") from None
     unet_config = unet_models.base if kind == "base" else unet_models.refiner
     in_channels = tensors.shape(UNET_IN)[1]
     if in_channels != unet_config.in_channels:  # inpainting fine-tunes: 4 latent + 1 mask + 4 masked-image
@@ -134,17 +147,17 @@ def official_configs(tensors: Mapping[str, Tensor], kind: str) -> dict[str, obje
     }
 
 
+OFFICIAL_KEY_MAPS = {  # component -> (key map relative to its prefix, entries that are not weights)
+    "unet": lambda c: (unet_keys.official_unet_keys(c), ()),
+    "vae": lambda c: (vae_keys.official_vae_keys(c), vae_keys.VAE_IGNORED),
+    "text_encoder": lambda c: (clip_keys.transformers_clip_keys(c, prefix="text_model."), clip_keys.TRANSFORMERS_IGNORED),
+    "text_encoder_2": lambda c: (clip_keys.openclip_keys(c), clip_keys.OPENCLIP_IGNORED),
+}
+
+
 def official_key_maps(configs: dict[str, object]) -> dict[str, tuple[KeyMap, tuple[str, ...]]]:
-    """component -> (key map relative to its prefix, entries to ignore)."""
-    return {
-        "unet": (unet_keys.official_unet_keys(configs["unet"]), ()),
-        "vae": (vae_keys.official_vae_keys(configs["vae"]), vae_keys.VAE_IGNORED),
-        "text_encoder": (
-            clip_keys.transformers_clip_keys(configs["text_encoder"], prefix="text_model."),
-            clip_keys.TRANSFORMERS_IGNORED,
-        ),
-        "text_encoder_2": (clip_keys.openclip_keys(configs["text_encoder_2"]), clip_keys.OPENCLIP_IGNORED),
-    }
+    """component -> (key map, ignored entries) for the official single-file layout."""
+    return {name: OFFICIAL_KEY_MAPS[name](config) for name, config in configs.items()}
 
 
 MODEL_CLASSES = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": CLIPTextEncoder, "text_encoder_2": CLIPTextEncoder}

@@ -370,6 +370,8 @@ class TimestepSequential(nn.Sequential):
 
 
 class UNet(nn.Module):
+    """eps(x, t, context, y): input_blocks down, middle_block, output_blocks up with skips, out."""
+
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = c = config
