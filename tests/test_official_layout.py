@@ -219,3 +219,15 @@ def test_diffusers_manifest_configs_build_the_official_presets(name):
     assert vae_keys.vae_config_from_diffusers(manifest["vae"]["config_used"]) == vae.base
     te2 = manifest["text_encoder_2"]
     assert clip_keys.clip_config_from_transformers(te2["config_used"], with_projection=True) == clip.clip_g
+
+
+def test_unreadable_config_metadata_is_a_clear_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    make_reference_folder(tmp_path / "ref", refiner=False)
+    path = tmp_path / "model.safetensors"
+    save_single_file(loading.load_diffusers(tmp_path / "ref"), path)
+    damaged = tmp_path / "damaged.safetensors"
+    save_file(load_file(path), damaged, metadata={"sdxl.kind": "base", "sdxl.configs": "{not json"})
+    with pytest.raises(CheckpointError, match="damaged.safetensors: unreadable model configs"):
+        loading.load_single_file(damaged)

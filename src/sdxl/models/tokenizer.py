@@ -52,10 +52,12 @@ from __future__ import annotations
 
 import gzip
 import html
+import json
 import unicodedata
 from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 from typing import Literal
 
 import regex
@@ -261,3 +263,46 @@ def clip_l_tokenizer() -> Tokenizer:
 def clip_g_tokenizer() -> Tokenizer:
     """Tokenizer for SDXL text encoder 2 (OpenCLIP ViT-bigG/14): pads with 0, as open_clip and diffusers do."""
     return Tokenizer(max_length=77, pad_token_id=0)
+
+
+def write_transformers_files(folder: Path, *, pad_token: str) -> None:
+    """Write the CLIP tokenizer files of an SDXL diffusers folder into `folder` (created if needed).
+
+    vocab.json, merges.txt, special_tokens_map.json and tokenizer_config.json, laid out as the
+    official repos' `tokenizer/` (pad_token "<|endoftext|>", CLIP ViT-L) and `tokenizer_2/`
+    (pad_token "!", OpenCLIP bigG), from this module's own vocabulary and merges, so that
+    transformers' `CLIPTokenizer.from_pretrained(folder)` tokenizes as `Tokenizer` does.
+    """
+    bpe = _load_bpe()
+    if pad_token not in bpe.ids:
+        raise ValueError(f"pad_token {pad_token!r} is not a token of the CLIP vocabulary")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {token: i for i, token in enumerate(bpe.tokens)}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merges = [f"{a} {b}" for a, b in bpe.ranks]  # rank order (dicts keep insertion order)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+    def token(content: str, typed: bool) -> dict:
+        entry = {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+        return {"__type": "AddedToken", **entry} if typed else entry
+
+    def specials(typed: bool) -> dict:
+        return {
+            "bos_token": token("<|startoftext|>", typed),
+            "eos_token": token("<|endoftext|>", typed),
+            "pad_token": pad_token,
+            "unk_token": token("<|endoftext|>", typed),
+        }
+
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials(False), indent=2) + "\n", encoding="utf-8")
+    config = {
+        "add_prefix_space": False,
+        **specials(True),
+        "clean_up_tokenization_spaces": True,
+        "do_lower_case": True,
+        "errors": "replace",
+        "model_max_length": 77,
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
