@@ -265,6 +265,15 @@ def clip_g_tokenizer() -> Tokenizer:
     return Tokenizer(max_length=77, pad_token_id=0)
 
 
+@lru_cache(maxsize=None)
+def _transformers_vocab_files() -> tuple[str, str]:
+    """The text of vocab.json (token -> id, in id order) and merges.txt (in rank order)."""
+    bpe = _load_bpe()
+    vocab = json.dumps({token: i for i, token in enumerate(bpe.tokens)}, ensure_ascii=False)
+    merges = "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in bpe.ranks) + "\n"  # dicts keep insertion order
+    return vocab, merges
+
+
 def write_transformers_files(folder: Path, *, pad_token: str) -> None:
     """Write the CLIP tokenizer files of an SDXL diffusers folder into `folder` (created if needed).
 
@@ -278,10 +287,9 @@ def write_transformers_files(folder: Path, *, pad_token: str) -> None:
         raise ValueError(f"pad_token {pad_token!r} is not a token of the CLIP vocabulary")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = {token: i for i, token in enumerate(bpe.tokens)}
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    merges = [f"{a} {b}" for a, b in bpe.ranks]  # rank order (dicts keep insertion order)
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    vocab, merges = _transformers_vocab_files()
+    (folder / "vocab.json").write_text(vocab, encoding="utf-8")
+    (folder / "merges.txt").write_text(merges, encoding="utf-8")
 
     def token(content: str, typed: bool) -> dict:
         entry = {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
