@@ -231,3 +231,37 @@ def test_unreadable_config_metadata_is_a_clear_error(tmp_path):
     save_file(load_file(path), damaged, metadata={"sdxl.kind": "base", "sdxl.configs": "{not json"})
     with pytest.raises(CheckpointError, match="damaged.safetensors: unreadable model configs"):
         loading.load_single_file(damaged)
+
+
+def test_a_refiner_single_file_refuses_a_clip_l():
+    from sdxl.models import clip
+    from sdxl.models.clip import CLIPTextEncoder
+
+    parts = loading.Components(kind="refiner", text_encoder=CLIPTextEncoder(clip.clip_l_tiny))
+    with pytest.raises(ValueError, match="refiner single file has no place for text_encoder"):
+        official_layout(parts)
+
+
+def test_cli_convert_single_file_to_diffusers_and_back(tmp_path):
+    import subprocess
+    import sys
+
+    make_reference_folder(tmp_path / "ref", refiner=False)
+    parts = loading.load_diffusers(tmp_path / "ref")
+    single = tmp_path / "model.safetensors"
+    save_single_file(parts, single, dtype=torch.float32)
+
+    def run(*argv):
+        return subprocess.run([sys.executable, "-m", "sdxl", "convert", *map(str, argv)], capture_output=True, text=True)
+
+    r = run(single, tmp_path / "folder", "--dtype", "fp32")
+    assert r.returncode == 0, r.stderr
+    assert "diffusers folder" in r.stdout
+    r = run(tmp_path / "folder", tmp_path / "back.safetensors", "--dtype", "bf16")
+    assert r.returncode == 0, r.stderr
+    back = loading.load_single_file(tmp_path / "back.safetensors")
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        for k, v in getattr(parts, name).state_dict().items():
+            assert torch.equal(getattr(back, name).state_dict()[k], v.to(torch.bfloat16).float()), f"{name}.{k}"
+    r = run(single, tmp_path / "back.safetensors")  # exists: refused, untouched
+    assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr

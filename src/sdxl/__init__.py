@@ -4,3 +4,12 @@ Import stays light: nothing heavy (torch, the models) is imported until it is us
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `sdxl.load` and `sdxl.Pipeline` import torch and the models only when first used.
+    if name in ("load", "Pipeline", "GenerationOptions"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'sdxl' has no attribute {name!r}")
