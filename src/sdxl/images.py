@@ -20,9 +20,6 @@ import torch
 from PIL import Image, ImageFilter
 from torch import Tensor
 
-ImageLike = "Image.Image | np.ndarray | Tensor"
-
-
 # ---------------------------------------------------------------------------------------------
 # Images.
 

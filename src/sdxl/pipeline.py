@@ -281,6 +281,14 @@ class _Conditioning:
     y: Tensor  # (B or 2B, adm)
     guided: bool
 
+    def rows(self, i: int) -> _Conditioning:
+        """The conditioning of image i alone."""
+        if not self.guided:
+            return _Conditioning(self.context[i:i + 1], self.y[i:i + 1], False)
+        b = self.context.shape[0] // 2
+        pick = lambda t: torch.cat([t[i:i + 1], t[b + i:b + i + 1]])  # noqa: E731
+        return _Conditioning(pick(self.context), pick(self.y), True)
+
 
 @dataclass
 class _Inpaint:
@@ -288,6 +296,10 @@ class _Inpaint:
     image_latents: Tensor | None  # (B, 4, h, w) scaled latents of the init image (4-channel blend)
     masked_latents: Tensor | None  # (B, 4, h, w) scaled latents of the masked image (9-channel U-Nets)
     noise: Tensor  # (B, 4, h, w) the initial noise, re-used to noise the init latents at each step
+
+    def rows(self, i: int) -> _Inpaint:
+        pick = lambda t: None if t is None else t[i:i + 1]  # noqa: E731
+        return _Inpaint(pick(self.mask), pick(self.image_latents), pick(self.masked_latents), pick(self.noise))
 
 
 class Pipeline:
@@ -312,15 +324,20 @@ class Pipeline:
 
     # -- public API
 
-    def generate(self, prompt: str = "", *, callback=None, cancel=None, options: GenerationOptions | None = None,
-                 **overrides):
-        """Generate images. Keyword arguments are the fields of `GenerationOptions`.
+    def generate(self, prompt: str | None = None, *, callback=None, cancel=None,
+                 options: GenerationOptions | None = None, **overrides):
+        """Generate images. Keyword arguments are the fields of `GenerationOptions` (or pass `options`).
 
-        callback(step, total, latents) is called after every step (steps of base and refiner counted
-        together); cancel() is asked before every step and stops the run with `sdxl.pipeline.Cancelled`.
-        Returns a list of PIL images, or a float array / latent tensor for output="np" / "latent".
+        callback(step, total, latents): after every step, step = 1 .. total (base and refiner steps
+        counted together; images one by one for stochastic samplers in a batch). cancel(): asked
+        before the first step and between steps; True stops the run with `sdxl.pipeline.Cancelled`.
+        Returns a list of PIL images, a float32 array (B, H, W, 3) in [0, 1] for output="np", or the
+        final latents (B, 4, H/8, W/8) for output="latent".
+        Inpainting (mask or outpaint) runs the main model only, without the refiner.
         """
-        options = options.replace(prompt=prompt, **overrides) if options else GenerationOptions(prompt=prompt, **overrides)
+        if prompt is not None:
+            overrides["prompt"] = prompt
+        options = options.replace(**overrides) if options else GenerationOptions(**overrides)
         return self.run(options, callback=callback, cancel=cancel)
 
     def refine(self, image, prompt: str = "", *, strength: float = 0.3, callback=None, cancel=None, **overrides):
@@ -376,7 +393,10 @@ class Pipeline:
                 sampling.TrainingSchedule.from_diffusers(refiner.scheduler), o.sampler, o.schedule, o.steps,
                 denoising_start=o.refiner_switch,
             )))
-        total = sum(_num_steps(p) for _, p in plans)
+        # Stochastic samplers draw step noise from one generator per image; `sampling.sample` takes a
+        # single generator, so a batch of them runs image by image (the same results, less batching).
+        per_image = o.batch > 1 and any(_stochastic(p) for _, p in plans)
+        progress = _Progress(callback, sum(p.steps for _, p in plans) * (o.batch if per_image else 1))
 
         # Starting latents, consuming each image's generator in diffusers' order.
         device = _param(model.unet).device
@@ -393,12 +413,16 @@ class Pipeline:
             inpaint, x = self._inpaint_start(model, o, init, mask, gens, plan, shape, strength, device)
 
         # Sampling, stage by stage.
-        done = 0
-        for stage, (parts, stage_plan) in enumerate(plans):
+        for parts, stage_plan in plans:
             cond = self._conditioning(parts, o, width, height)
-            offset = done
-            x = self._denoise(parts, o, cond, stage_plan, x, gens, inpaint, callback, cancel, offset, total)
-            done += _num_steps(stage_plan)
+            if per_image:
+                x = torch.cat([
+                    self._denoise(parts, o, cond.rows(i), stage_plan, x[i:i + 1], gens[i:i + 1],
+                                  inpaint.rows(i) if inpaint else None, progress, cancel)
+                    for i in range(o.batch)
+                ])
+            else:
+                x = self._denoise(parts, o, cond, stage_plan, x, gens, inpaint, progress, cancel)
 
         if o.output == "latent":
             return x
@@ -489,7 +513,7 @@ class Pipeline:
             self._text_cache.popitem(last=False)
         return result
 
-    def _denoise(self, parts, o, cond, plan, x, gens, inpaint, callback, cancel, offset, total) -> Tensor:
+    def _denoise(self, parts, o, cond, plan, x, gens, inpaint, progress, cancel) -> Tensor:
         unet = parts.unet
         dtype = _param(unet).dtype
         extra = None
@@ -513,25 +537,49 @@ class Pipeline:
                     out = rescale_guidance(out, text, rescale)
             return out.float()
 
+        denoiser = sampling.Denoiser(model_fn, sampling.TrainingSchedule.from_diffusers(parts.scheduler), plan)
         blend = inpaint is not None and unet.config.in_channels == 4
-        n = _num_steps(plan)
+        sigmas = plan.sigmas.tolist()  # Python floats: no device reads in the loop
+        due: list[int | None] = [None]  # the step whose start still needs the inpainting blend
 
         def on_step(step: int, steps: int, latents: Tensor) -> None:
             if blend:
-                # diffusers: keep the unmasked region from the init latents noised to the next level
-                # (the last step blends in the clean init latents).
-                kept = inpaint.image_latents if step >= n else sampling.add_noise_at(
-                    inpaint.image_latents, inpaint.noise, plan, step)
-                latents.copy_((1 - inpaint.mask) * kept + inpaint.mask * latents)
-            if callback is not None:
-                callback(offset + step, total, latents)
+                due[0] = step + 1
+            progress.step(latents)
 
-        denoiser = sampling.Denoiser(model_fn, sampling.TrainingSchedule.from_diffusers(parts.scheduler), plan)
-        return sampling.sample(plan, denoiser, x, generator=gens, callback=on_step, cancel=cancel)
+        def denoise(x: Tensor, sigma) -> Tensor:
+            # Inpainting with a 4-channel U-Net, as diffusers: after each step the kept region is replaced
+            # by the init latents noised to the next noise level. The samplers hand the denoiser the very
+            # tensor they continue from (in VE scale), so the blend is applied to it in place at the start
+            # of the next step; the blend after the last step (clean init latents) is applied below.
+            if due[0] is not None:
+                kept = inpaint.image_latents + sigmas[due[0]] * inpaint.noise
+                x.copy_(torch.lerp(kept, x, inpaint.mask))
+                due[0] = None
+            return denoiser(x, sigma)
+
+        x = sampling.sample(plan, denoise if blend else denoiser, x, generator=gens[0], callback=on_step, cancel=cancel)
+        if blend:
+            x = torch.lerp(inpaint.image_latents, x, inpaint.mask)
+        return x
 
 
-def _num_steps(plan) -> int:
-    return len(plan.timesteps)
+def _stochastic(plan) -> bool:
+    from .sampling.samplers import STOCHASTIC
+
+    return plan.sampler in STOCHASTIC
+
+
+class _Progress:
+    """Counts steps over all stages (and images, when they run one by one) for the user's callback."""
+
+    def __init__(self, callback, total: int):
+        self.callback, self.total, self.done = callback, total, 0
+
+    def step(self, latents: Tensor) -> None:
+        self.done += 1
+        if self.callback is not None:
+            self.callback(self.done, self.total, latents)
 
 
 # ---------------------------------------------------------------------------------------------
