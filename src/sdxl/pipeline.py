@@ -281,14 +281,6 @@ class _Conditioning:
     y: Tensor  # (B or 2B, adm)
     guided: bool
 
-    def rows(self, i: int) -> _Conditioning:
-        """The conditioning of image i alone."""
-        if not self.guided:
-            return _Conditioning(self.context[i:i + 1], self.y[i:i + 1], False)
-        b = self.context.shape[0] // 2
-        pick = lambda t: torch.cat([t[i:i + 1], t[b + i:b + i + 1]])  # noqa: E731
-        return _Conditioning(pick(self.context), pick(self.y), True)
-
 
 @dataclass
 class _Inpaint:
@@ -296,10 +288,6 @@ class _Inpaint:
     image_latents: Tensor | None  # (B, 4, h, w) scaled latents of the init image (4-channel blend)
     masked_latents: Tensor | None  # (B, 4, h, w) scaled latents of the masked image (9-channel U-Nets)
     noise: Tensor  # (B, 4, h, w) the initial noise, re-used to noise the init latents at each step
-
-    def rows(self, i: int) -> _Inpaint:
-        pick = lambda t: None if t is None else t[i:i + 1]  # noqa: E731
-        return _Inpaint(pick(self.mask), pick(self.image_latents), pick(self.masked_latents), pick(self.noise))
 
 
 class Pipeline:
@@ -329,7 +317,7 @@ class Pipeline:
         """Generate images. Keyword arguments are the fields of `GenerationOptions` (or pass `options`).
 
         callback(step, total, latents): after every step, step = 1 .. total (base and refiner steps
-        counted together; images one by one for stochastic samplers in a batch). cancel(): asked
+        counted together). cancel(): asked
         before the first step and between steps; True stops the run with `sdxl.pipeline.Cancelled`.
         Returns a list of PIL images, a float32 array (B, H, W, 3) in [0, 1] for output="np", or the
         final latents (B, 4, H/8, W/8) for output="latent".
@@ -393,10 +381,7 @@ class Pipeline:
                 sampling.TrainingSchedule.from_diffusers(refiner.scheduler), o.sampler, o.schedule, o.steps,
                 denoising_start=o.refiner_switch,
             )))
-        # Stochastic samplers draw step noise from one generator per image; `sampling.sample` takes a
-        # single generator, so a batch of them runs image by image (the same results, less batching).
-        per_image = o.batch > 1 and any(_stochastic(p) for _, p in plans)
-        progress = _Progress(callback, sum(p.steps for _, p in plans) * (o.batch if per_image else 1))
+        progress = _Progress(callback, sum(p.steps for _, p in plans))
 
         # Starting latents, consuming each image's generator in diffusers' order.
         device = _param(model.unet).device
@@ -415,14 +400,7 @@ class Pipeline:
         # Sampling, stage by stage.
         for parts, stage_plan in plans:
             cond = self._conditioning(parts, o, width, height)
-            if per_image:
-                x = torch.cat([
-                    self._denoise(parts, o, cond.rows(i), stage_plan, x[i:i + 1], gens[i:i + 1],
-                                  inpaint.rows(i) if inpaint else None, progress, cancel)
-                    for i in range(o.batch)
-                ])
-            else:
-                x = self._denoise(parts, o, cond, stage_plan, x, gens, inpaint, progress, cancel)
+            x = self._denoise(parts, o, cond, stage_plan, x, gens, inpaint, progress, cancel)
 
         if o.output == "latent":
             return x
@@ -558,20 +536,14 @@ class Pipeline:
                 due[0] = None
             return denoiser(x, sigma)
 
-        x = sampling.sample(plan, denoise if blend else denoiser, x, generator=gens[0], callback=on_step, cancel=cancel)
+        x = sampling.sample(plan, denoise if blend else denoiser, x, generator=gens, callback=on_step, cancel=cancel)
         if blend:
             x = torch.lerp(inpaint.image_latents, x, inpaint.mask)
         return x
 
 
-def _stochastic(plan) -> bool:
-    from .sampling.samplers import STOCHASTIC
-
-    return plan.sampler in STOCHASTIC
-
-
 class _Progress:
-    """Counts steps over all stages (and images, when they run one by one) for the user's callback."""
+    """Counts steps over all stages for the user's callback."""
 
     def __init__(self, callback, total: int):
         self.callback, self.total, self.done = callback, total, 0

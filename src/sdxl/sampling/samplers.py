@@ -14,7 +14,7 @@ moved to x; same shapes, same order (one draw per step, also on the last one whe
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -30,12 +30,18 @@ class Cancelled(Exception):
     """Raised by `sample` when its `cancel()` returns True between two steps."""
 
 
-def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _noise(x: Tensor, generator: Generators) -> Tensor:
     """Unit noise like x, drawn as diffusers' `randn_tensor` does (on the generator's device, float32).
 
+    A list of generators (one per image, as the pipelines use) draws each image's row from its own.
     (CPU randn in float16/bfloat16 gives the float32 draws rounded, so drawing float32 matches
     diffusers' half-precision pipelines too.)
     """
+    if isinstance(generator, Sequence):
+        return torch.cat([_noise(x[i : i + 1], g) for i, g in enumerate(generator)])
     device = generator.device if generator is not None else torch.device("cpu")
     return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x.device, x.dtype)
 
@@ -65,7 +71,7 @@ def sample_euler_ancestral(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     eta: float = 1.0,
     callback: StepCallback | None = None,
 ) -> Tensor:
@@ -136,7 +142,7 @@ def sample_dpmpp_2m_sde(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     eta: float = 1.0,
     callback: StepCallback | None = None,
 ) -> Tensor:
@@ -170,7 +176,7 @@ def sample_dpmpp_sde(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     eta: float = 1.0,
     r: float = 0.5,
     callback: StepCallback | None = None,
@@ -237,7 +243,7 @@ def sample_lcm(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: StepCallback | None = None,
 ) -> Tensor:
     """Latent consistency model multistep sampling (Luo et al. 2023, arXiv:2310.04378, Algorithm 1; LCMScheduler).
@@ -273,7 +279,7 @@ def sample(
     denoise: Denoiser,
     x: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callable[[int, int, Tensor], None] | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> Tensor:
