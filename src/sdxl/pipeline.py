@@ -558,8 +558,11 @@ class _Progress:
 # Loading.
 
 
-def resolve_path(name: str | Path) -> Path:
-    """A local file or folder, or a Hugging Face Hub repo id found in the local cache (never downloaded)."""
+def resolve_path(name: str | Path, *, allow_download: bool = False) -> Path:
+    """A local file or folder, or a Hugging Face Hub repo id found in the local cache.
+
+    The Hub is only asked (and the repo downloaded into the cache) with allow_download=True.
+    """
     path = Path(name).expanduser()
     if path.exists():
         return path
@@ -574,8 +577,10 @@ def resolve_path(name: str | Path) -> Path:
             "(pip install 'sdxl[hub]') and download the repo first"
         ) from None
     try:
-        return Path(snapshot_download(text, local_files_only=True))
+        return Path(snapshot_download(text, local_files_only=not allow_download))
     except Exception as e:  # LocalEntryNotFoundError, RepositoryNotFoundError, HFValidationError, ...
+        if allow_download:
+            raise FileNotFoundError(f"{text}: could not download this Hub repo ({type(e).__name__}: {e})") from None
         raise FileNotFoundError(
             f"{text}: not a local path, and the Hub repo is not in the local Hugging Face cache "
             f"({type(e).__name__}); download it first, e.g. `huggingface-cli download {text}`"

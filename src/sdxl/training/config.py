@@ -1,0 +1,231 @@
+"""The training configuration: one TOML file, every field a `TrainConfig` attribute.
+
+    cfg = load_config("configs/tiny.toml")   # ValueError naming the file and the field on any mistake
+
+The TOML file is flat (`key = value` lines, no tables); see configs/*.toml for commented examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+OBJECTIVES = ("epsilon", "v_prediction")
+PRECISIONS = ("no", "bf16", "fp16")
+INITS = ("tiny", "tiny_refiner")
+SAVE_DTYPES = ("fp16", "bf16", "fp32")
+# Linear layers of the U-Net's transformers that LoRA may wrap (suffixes of module names).
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+
+
+@dataclass
+class TrainConfig:
+    # -- model
+    # A checkpoint to fine-tune: an official-layout .safetensors file or a diffusers folder.
+    model: str | None = None
+    # Or build a model from scratch with random weights: "tiny" (base-shaped) or "tiny_refiner"
+    # (tests, smoke runs). Exactly one of `model` / `init` must be given.
+    init: str | None = None
+
+    # -- data (sdxl.training.data.ImageCaptionDataset: images with same-named .txt captions)
+    data: str = ""  # the image folder
+    resolution: int = 1024  # target area is resolution^2; aspect-ratio buckets keep about that many pixels
+    bucket_multiple: int = 64  # bucket sides are multiples of this (>= 8: the VAE downscales by 8)
+    random_crop: bool = False  # random instead of centre crops; the crop goes into micro-conditioning
+    caption_dropout: float = 0.0  # fraction of empty captions: teaches the unconditional branch for CFG
+    num_workers: int = 0  # DataLoader worker processes (0: load in the training process)
+
+    # -- optimisation
+    batch_size: int = 1  # images per process per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step: effective batch = batch_size * grad_accum * world
+    steps: int = 1000  # optimizer steps in total (a resumed run continues up to this number)
+    lr: float = 1e-5  # AdamW peak learning rate (LoRA usually wants ~1e-4)
+    weight_decay: float = 1e-2  # AdamW decoupled weight decay
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    warmup: int = 0  # steps of linear warm-up from 0 to lr; constant afterwards
+    max_grad_norm: float = 1.0  # gradient clipping (0: off); keeps early fine-tuning steps from blowing up
+    seed: int = 0  # model init (init=...), noise, timesteps, data order: the same seed gives the same run
+
+    # -- diffusion objective
+    objective: str = "epsilon"  # what the U-Net predicts: "epsilon" (SDXL) or "v_prediction"
+    offset_noise: float = 0.0  # per-channel constant noise added to eps (~0.05): lets models learn very dark/bright images
+    # Min-SNR-gamma loss weighting (Hang et al. 2023, gamma ~5): faster convergence; None = plain MSE.
+    min_snr_gamma: float | None = None
+    # Training timesteps are drawn uniformly from [timestep_min, timestep_max] (of 0..999). The
+    # refiner was trained on the low-noise end only (t < 200): use timestep_max = 199 for it.
+    timestep_min: int = 0
+    timestep_max: int = 999
+    # The refiner's U-Net is conditioned on an aesthetic score; our data has none, so one constant
+    # (6.0 is what generation uses for the positive prompt) is given to every image.
+    aesthetic_score: float = 6.0
+
+    # -- what is trained
+    train_text_encoders: bool = False  # also fine-tune both CLIP encoders (full fine-tunes only)
+    lora_rank: int = 0  # 0: full fine-tune of the U-Net; > 0: train only LoRA adapters of this rank
+    lora_alpha: float | None = None  # LoRA scale = alpha / rank; None: alpha = rank (scale 1)
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    ema_decay: float | None = None  # keep an exponential moving average of the trained weights (~0.9999)
+
+    # -- speed and memory
+    mixed_precision: str = "no"  # "bf16" / "fp16": torch.autocast for the forward pass (weights stay fp32)
+    gradient_checkpointing: bool = False  # recompute U-Net blocks in the backward pass: less memory, ~30% slower
+    cache_text: bool = False  # encode each distinct caption once (kept in memory, saved to output/cache)
+    cache_latents: bool = False  # not implemented yet: needs per-image ids from the data module
+
+    # -- outputs
+    output_dir: str = "runs/train"  # checkpoints/, loss.csv, loss.png, config.toml
+    save_every: int = 0  # save a checkpoint every N steps (0: only at the end)
+    save_dtype: str = "fp16"  # dtype of the model / LoRA files (the training state is always exact)
+    resume: str | None = None  # a checkpoint folder to continue from, or "latest" (output_dir's newest)
+    log_every: int = 10  # steps between loss.csv rows / progress-bar updates
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_rank > 0
+
+    def to_toml(self) -> str:
+        """The config as TOML text (None fields are left out: None is their default)."""
+        lines = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                lines.append(f"{f.name} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _check_type(name: str, value: Any, kind: str) -> None:
+    """kind: 'int', 'float', 'bool', 'str', 'list[str]'; '?' suffix allows None."""
+    if kind.endswith("?"):
+        if value is None:
+            return
+        kind = kind[:-1]
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+    }[kind]
+    if not ok:
+        raise ValueError(f"{name} must be {'a finite number' if kind == 'float' else 'a ' + kind}, got {value!r}")
+
+
+def _kind(annotation: str) -> str:
+    a = annotation.replace(" ", "")
+    optional = a.endswith("|None")
+    a = a.removesuffix("|None")
+    return a + ("?" if optional else "")
+
+
+def _validate(c: TrainConfig) -> None:
+    for f in dataclasses.fields(c):
+        _check_type(f.name, getattr(c, f.name), _kind(str(f.type)))
+
+    def choose(name: str, allowed: tuple[str, ...]) -> None:
+        if getattr(c, name) not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(c, name)!r}")
+
+    def at_least(name: str, low: float) -> None:
+        if getattr(c, name) < low:
+            raise ValueError(f"{name} must be >= {low}, got {getattr(c, name)!r}")
+
+    if (c.model is None) == (c.init is None):
+        raise ValueError("give exactly one of `model` (a checkpoint to fine-tune) or `init` (build 'tiny' from scratch)")
+    if c.init is not None:
+        choose("init", INITS)
+    if not c.data:
+        raise ValueError("data must name the image folder to train on")
+    choose("objective", OBJECTIVES)
+    choose("mixed_precision", PRECISIONS)
+    choose("save_dtype", SAVE_DTYPES)
+    for name in ("resolution", "batch_size", "grad_accum", "steps", "log_every"):
+        at_least(name, 1)
+    for name in ("num_workers", "warmup", "save_every", "lora_rank", "seed", "offset_noise", "weight_decay",
+                 "max_grad_norm"):
+        at_least(name, 0)
+    if c.bucket_multiple < 8 or c.bucket_multiple % 8:
+        raise ValueError(f"bucket_multiple must be a multiple of 8 (the VAE's downscaling), got {c.bucket_multiple}")
+    if c.resolution % 8:
+        raise ValueError(f"resolution must be a multiple of 8 pixels, got {c.resolution}")
+    if not 0.0 <= c.caption_dropout <= 1.0:
+        raise ValueError(f"caption_dropout must be in [0, 1], got {c.caption_dropout}")
+    if not c.lr > 0:
+        raise ValueError(f"lr must be > 0, got {c.lr}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(c, name) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {getattr(c, name)}")
+    if c.min_snr_gamma is not None and c.min_snr_gamma <= 0:
+        raise ValueError(f"min_snr_gamma must be > 0 (or left out for plain MSE), got {c.min_snr_gamma}")
+    if not 0 <= c.timestep_min <= c.timestep_max <= 999:
+        raise ValueError(f"need 0 <= timestep_min <= timestep_max <= 999, got {c.timestep_min} and {c.timestep_max}")
+    if c.ema_decay is not None and not 0.0 < c.ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in (0, 1) (e.g. 0.9999), got {c.ema_decay}")
+    if c.lora_alpha is not None and c.lora_alpha <= 0:
+        raise ValueError(f"lora_alpha must be > 0, got {c.lora_alpha}")
+    unknown = [t for t in c.lora_targets if t not in LORA_TARGETS]
+    if unknown or (c.lora and not c.lora_targets):
+        raise ValueError(f"lora_targets: {unknown or 'empty'}; choose from {', '.join(LORA_TARGETS)}")
+    if c.lora and c.train_text_encoders:
+        raise ValueError("train_text_encoders is for full fine-tunes; LoRA trains U-Net adapters only")
+    if c.cache_text and c.train_text_encoders:
+        raise ValueError("cache_text needs frozen text encoders (train_text_encoders = false)")
+    if c.cache_latents:
+        raise ValueError("cache_latents is not implemented yet (latents are encoded on the fly); set it to false")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading.
+
+
+def config_from_dict(values: dict[str, Any], where: str = "config") -> TrainConfig:
+    """A TrainConfig from a dict (parsed TOML); ValueError naming `where` and the bad field."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        import difflib
+
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, names, 1)) else k for k in unknown]
+        raise ValueError(f"{where}: unknown key(s) {', '.join(hints)}")
+    try:
+        return TrainConfig(**values)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
+    """Read a TOML training config; `overrides` replace fields (e.g. from the command line)."""
+    path = Path(path)
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML ({e})") from None
+    tables = [k for k, v in values.items() if isinstance(v, dict)]
+    if tables:
+        raise ValueError(f"{path}: unexpected table(s) [{'], ['.join(tables)}]; the config is flat `key = value` lines")
+    values.update(overrides)
+    return config_from_dict(values, where=str(path))

@@ -1,0 +1,614 @@
+"""Fine-tune SDXL (or train a tiny one from scratch): `sdxl train CONFIG.toml`, or `torchrun ... -m
+sdxl.training.train CONFIG.toml` on several GPUs (DDP; gloo on CPU).
+
+One optimizer step:
+    for each of grad_accum micro-batches:
+        x0      = VAE posterior sample of the images, scaled            (frozen VAE)
+        t, eps  = uniform in [timestep_min, timestep_max], N(0, 1) (+ offset noise)
+        x_t     = sqrt(a_t) x0 + sqrt(1 - a_t) eps
+        context = cat(CLIP-L, bigG penultimate hidden states)            (refiner: bigG only)
+        y       = cat(pooled bigG, emb(original_size, crop_top_left, target_size))  (refiner: ..., aesthetic)
+        loss    = w(t) * |U-Net(x_t, t, context, y) - target|^2,  target = eps or v, w = min-SNR or 1
+    AdamW step (clipped gradients, linear warm-up), EMA update.
+
+Outputs under output_dir: checkpoints/step_NNNNNNN/ (model.safetensors in the official single-file
+layout, or lora_kohya.safetensors + lora_peft.safetensors; *_ema versions with ema_decay;
+state.safetensors + state.json + rng_rankR.safetensors for resuming), latest.txt (the newest
+checkpoint's folder name), loss.csv, loss.png, config.toml.
+
+Determinism: all randomness of a step comes from one generator per process (seed + rank), saved
+with each checkpoint with the optimizer, the EMA and the data position, so a resumed run continues
+exactly as an uninterrupted one (on the same hardware and settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checkpoints.load import Components
+from ..checkpoints.save import save_single_file
+from ..models.tokenizer import clip_g_tokenizer, clip_l_tokenizer
+from ..models.unet import TimestepSequential, UNet, micro_conditioning
+from ..sampling.schedules import TrainingSchedule
+from . import lora as lora_lib
+from .config import TrainConfig, load_config
+
+HIDDEN_LAYER = -2  # SDXL conditions on the penultimate layer of both text encoders
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT.
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Dist(rank, dist.get_world_size() if dist.is_initialized() else 1, local, device)
+
+
+def _barrier(d: Dist) -> None:
+    if d.world > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Models.
+
+
+def build_components(cfg: TrainConfig, device: torch.device) -> Components:
+    """The checkpoint to fine-tune (float32), or tiny models with random weights (seeded)."""
+    if cfg.model is not None:
+        from ..pipeline import resolve_path
+        from ..checkpoints.load import load
+
+        return load(resolve_path(cfg.model), dtype=torch.float32, device=device)
+    from ..models import clip, unet, vae
+    from ..models.clip import CLIPTextEncoder
+    from ..models.vae import AutoencoderKL
+
+    torch.manual_seed(cfg.seed)
+    refiner = cfg.init == "tiny_refiner"
+    parts = Components(
+        kind="refiner" if refiner else "base",
+        unet=UNet(unet.tiny_refiner if refiner else unet.tiny),
+        vae=AutoencoderKL(vae.tiny),
+        text_encoder=None if refiner else CLIPTextEncoder(clip.clip_l_tiny),
+        text_encoder_2=CLIPTextEncoder(clip.clip_g_tiny),
+        force_zeros_for_empty_prompt=not refiner,
+    )
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(parts, name) is not None:
+            setattr(parts, name, getattr(parts, name).to(device).eval().requires_grad_(False))
+    return parts
+
+
+def micro_values(unet: UNet, pooled_width: int) -> int:
+    """How many micro-conditioning numbers the U-Net's y holds: 6 (base) or 5 (refiner)."""
+    c = unet.config
+    n = (c.adm_in_channels - pooled_width) // c.addition_time_embed_dim
+    if n * c.addition_time_embed_dim + pooled_width != c.adm_in_channels or n not in (5, 6):
+        raise ValueError(f"U-Net label width {c.adm_in_channels} does not fit pooled text {pooled_width} + 5 or 6 values")
+    return n
+
+
+def enable_gradient_checkpointing(unet: UNet) -> None:
+    """Recompute each U-Net block (input, middle, output) in the backward pass instead of storing it."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in unet.modules():
+        if isinstance(block, TimestepSequential):
+            forward = block.forward  # the bound method; the instance attribute shadows the class's
+            block.forward = lambda *args, f=forward: (
+                checkpoint(f, *args, use_reentrant=False) if torch.is_grad_enabled() else f(*args)
+            )
+
+
+class Trainee(nn.Module):
+    """Text conditioning + U-Net in one module, so DDP syncs the text encoders too when they train."""
+
+    def __init__(self, parts: Components, train_text: bool):
+        super().__init__()
+        self.unet, self.text_encoder, self.text_encoder_2 = parts.unet, parts.text_encoder, parts.text_encoder_2
+        self.train_text = train_text
+        self.zero_empty = parts.force_zeros_for_empty_prompt  # as generation does for empty negative prompts
+
+    def encode_text(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """captions -> (context (B, 77, C), pooled (B, P)); empty captions give zeros where the model says so."""
+        device = next(self.unet.parameters()).device
+        with contextlib.nullcontext() if self.train_text and torch.is_grad_enabled() else torch.no_grad():
+            hidden = []
+            if self.text_encoder is not None:  # the refiner has no CLIP ViT-L
+                h, _ = self.text_encoder(clip_l_tokenizer()(captions).to(device), hidden_layer=HIDDEN_LAYER, pooled=False)
+                hidden.append(h)
+            h2, pooled = self.text_encoder_2(clip_g_tokenizer()(captions).to(device), hidden_layer=HIDDEN_LAYER, pooled=True)
+            context = torch.cat([*hidden, h2], dim=-1)
+        if self.zero_empty:
+            keep = torch.tensor([bool(c) for c in captions], device=device, dtype=context.dtype)
+            context, pooled = context * keep[:, None, None], pooled * keep[:, None]
+        return context, pooled
+
+    def forward(self, x_t: Tensor, t: Tensor, micro: Tensor, captions: list[str] | None = None,
+                text: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        context, pooled = text if text is not None else self.encode_text(captions)
+        y = micro_conditioning(pooled, micro, dim=self.unet.config.addition_time_embed_dim)
+        return self.unet(x_t, t, context, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: batches from sdxl.training.data, resumable at any batch.
+
+# loader(cfg, rank, world) -> (dataset, batch sampler with set_epoch, collate)
+Loader = Callable[[TrainConfig, int, int], tuple[Any, Any, Callable]]
+
+
+def default_loader(cfg: TrainConfig, rank: int, world: int):
+    from .data import BucketBatchSampler, ImageCaptionDataset, collate
+
+    ds = ImageCaptionDataset(cfg.data, resolution=cfg.resolution, bucket_multiple=cfg.bucket_multiple,
+                             random_crop=cfg.random_crop, caption_dropout=cfg.caption_dropout, seed=cfg.seed)
+    sampler = BucketBatchSampler(ds, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, drop_last=True)
+    return ds, sampler, collate
+
+
+class Batches:
+    """Endless batches over epochs; (epoch, index) is the position of the next batch, saved for resuming."""
+
+    def __init__(self, ds, sampler, collate, num_workers: int):
+        self.ds, self.sampler, self.collate, self.num_workers = ds, sampler, collate, num_workers
+        self.epoch, self.index = 0, 0
+        self._it: Iterator | None = None
+
+    def _epoch_iter(self) -> Iterator:
+        for obj in (self.sampler, self.ds):
+            if hasattr(obj, "set_epoch"):
+                obj.set_epoch(self.epoch)
+        batches = list(self.sampler)
+        if not batches:
+            raise ValueError("the data gives no batch: fewer images than batch_size x processes (drop_last)")
+        loader = torch.utils.data.DataLoader(self.ds, batch_sampler=batches[self.index:], collate_fn=self.collate,
+                                             num_workers=self.num_workers)
+        return iter(loader)
+
+    def __next__(self) -> dict:
+        while True:
+            if self._it is None:
+                self._it = self._epoch_iter()
+            try:
+                batch = next(self._it)
+                self.index += 1
+                return batch
+            except StopIteration:
+                self._it, self.epoch, self.index = None, self.epoch + 1, 0
+
+
+class TextCache:
+    """caption -> (context, pooled) of frozen text encoders, kept on the CPU; saved as safetensors."""
+
+    def __init__(self, path: Path):
+        self.path, self.items = path, {}
+        if path.is_file():
+            from safetensors.torch import load_file
+
+            t = load_file(str(path))
+            self.items = {k[:-8]: (t[k], t[k[:-8] + ".pooled"]) for k in t if k.endswith(".context")}
+
+    @staticmethod
+    def key(caption: str) -> str:
+        return hashlib.sha1(caption.encode("utf-8")).hexdigest()
+
+    def get(self, trainee: Trainee, captions: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+        missing = sorted({c for c in captions if self.key(c) not in self.items})
+        if missing:
+            context, pooled = trainee.encode_text(missing)
+            for c, ctx, pool in zip(missing, context.cpu(), pooled.cpu()):
+                self.items[self.key(c)] = (ctx, pool)
+        rows = [self.items[self.key(c)] for c in captions]
+        return torch.stack([r[0] for r in rows]).to(device), torch.stack([r[1] for r in rows]).to(device)
+
+    def save(self) -> None:
+        from safetensors.torch import save_file
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{k}.{n}": v.contiguous() for k, (c, p) in self.items.items() for n, v in (("context", c), ("pooled", p))}
+        save_file(tensors, str(self.path))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss.
+
+
+def diffusion_loss(model: nn.Module, vae, batch: dict, cfg: TrainConfig, alphas: Tensor, gen: torch.Generator,
+                   n_micro: int, autocast, text: tuple[Tensor, Tensor] | None) -> Tensor:
+    device = alphas.device
+    images = batch["images"].to(device)
+    with torch.no_grad():  # the VAE is frozen: sample its posterior, scale as the pipeline does
+        x0 = vae.scale_latents(vae.encode(images, sample=True, generator=gen).float())
+    b = x0.shape[0]
+    t = torch.randint(cfg.timestep_min, cfg.timestep_max + 1, (b,), generator=gen, device=device)
+    noise = torch.randn(x0.shape, generator=gen, device=device)
+    if cfg.offset_noise > 0:  # a per-image, per-channel constant shift (Guttenberg 2023, "offset noise")
+        noise = noise + cfg.offset_noise * torch.randn((b, x0.shape[1], 1, 1), generator=gen, device=device)
+    a = alphas[t].view(b, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    target = noise if cfg.objective == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    sizes = [batch["original_size"], batch["crop_top_left"]]
+    if n_micro == 6:
+        sizes.append(batch["target_size"])
+    else:
+        sizes.append(torch.full((b, 1), cfg.aesthetic_score))
+    micro = torch.cat([torch.as_tensor(s, dtype=torch.float32).reshape(b, -1) for s in sizes], dim=1).to(device)
+
+    with autocast():
+        pred = model(x_t, t.float(), micro, captions=list(batch["captions"]), text=text)
+    per_image = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+    if cfg.min_snr_gamma is not None:  # Hang et al. 2023: weight min(SNR, gamma) / SNR (eps), / (SNR + 1) (v)
+        snr = (a / (1 - a)).flatten()
+        clipped = snr.clamp(max=cfg.min_snr_gamma)
+        per_image = per_image * (clipped / snr if cfg.objective == "epsilon" else clipped / (snr + 1))
+    return per_image.mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and the training state (safetensors + JSON, never pickle).
+
+
+def _latest(out: Path) -> Path:
+    marker = out / "latest.txt"
+    if not marker.is_file():
+        raise FileNotFoundError(f"resume = 'latest' but {out} has no checkpoint yet ({marker} is missing)")
+    return out / "checkpoints" / marker.read_text().strip()
+
+
+@contextlib.contextmanager
+def _swapped(params: dict[str, nn.Parameter], values: dict[str, Tensor] | None):
+    """Temporarily put `values` (the EMA) into the parameters."""
+    if values is None:
+        yield
+        return
+    saved = {k: p.detach().clone() for k, p in params.items()}
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(values[k])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(saved[k])
+
+
+def save_checkpoint(folder: Path, cfg: TrainConfig, parts: Components, params: dict[str, nn.Parameter],
+                    opt: torch.optim.Optimizer, scaler, ema: dict[str, Tensor] | None, gen: torch.Generator,
+                    state: dict, d: Dist) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    # Every process keeps its own random streams.
+    save_file({"generator": gen.get_state().cpu(), "torch": torch.get_rng_state()}, str(folder / f"rng_rank{d.rank}.safetensors"))
+    if d.main:
+        dtype = DTYPES[cfg.save_dtype]
+        for suffix, values in [("", None)] + ([("_ema", ema)] if ema is not None else []):
+            with _swapped(params, values):
+                if cfg.lora:
+                    lora_lib.save_lora_kohya(parts.unet, folder / f"lora_kohya{suffix}.safetensors", dtype)
+                    lora_lib.save_lora_peft(parts.unet, folder / f"lora_peft{suffix}.safetensors", dtype)
+                else:
+                    save_single_file(parts, folder / f"model{suffix}.safetensors", dtype=dtype)
+        tensors = {f"param.{k}": p.detach() for k, p in params.items()}
+        if ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in ema.items()})
+        opt_state = opt.state_dict()
+        for i, s in opt_state["state"].items():
+            tensors.update({f"opt.{i}.{k}": v for k, v in s.items()})
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(folder / "state.safetensors"))
+        meta = {**state, "params": list(params), "param_groups": opt_state["param_groups"],
+                "scaler": scaler.state_dict() if scaler is not None else None, "config": cfg.to_toml(),
+                "world_size": d.world}
+        (folder / "state.json").write_text(json.dumps(meta, indent=1))
+    _barrier(d)
+    if d.main:
+        (folder.parent.parent / "latest.txt").write_text(folder.name + "\n")  # written last: a complete checkpoint
+
+
+def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer, scaler,
+                    ema: dict[str, Tensor] | None, gen: torch.Generator, d: Dist) -> dict:
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "state.json").read_text())
+    if meta["params"] != list(params):
+        raise ValueError(f"{folder}: the checkpoint trained other parameters than this config does "
+                         "(different lora / train_text_encoders settings?)")
+    if meta.get("world_size", 1) != d.world:
+        raise ValueError(f"{folder}: saved with {meta['world_size']} processes; resume with the same number")
+    tensors = load_file(str(folder / "state.safetensors"))
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(tensors[f"param.{k}"])
+    if ema is not None:
+        if not any(k.startswith("ema.") for k in tensors):
+            raise ValueError(f"{folder}: has no EMA weights, but this config sets ema_decay")
+        for k in ema:
+            ema[k].copy_(tensors[f"ema.{k}"])
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if scaler is not None and meta["scaler"]:
+        scaler.load_state_dict(meta["scaler"])
+    rng = load_file(str(folder / f"rng_rank{d.rank}.safetensors"))
+    gen.set_state(rng["generator"].to(gen.get_state().device))
+    torch.set_rng_state(rng["torch"])
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging.
+
+
+def plot_losses(steps: list[int], losses: list[float], path: Path, size: tuple[int, int] = (640, 360)) -> None:
+    """A loss curve as PNG, drawn with PIL: raw values (light) and a running mean (dark)."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    left, right, top, bottom = 60, w - 15, 15, h - 30
+    draw.rectangle([left, top, right, bottom], outline="black")
+    if len(steps) >= 1:
+        lo, hi = min(losses), max(losses)
+        hi = hi if hi > lo else lo + 1e-8
+        s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
+        xy = lambda s, v: (left + (s - s0) / (s1 - s0) * (right - left), bottom - (v - lo) / (hi - lo) * (bottom - top))  # noqa: E731
+        k = max(1, len(losses) // 20)
+        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+        if len(steps) > 1:
+            draw.line([xy(s, v) for s, v in zip(steps, losses)], fill=(170, 190, 230), width=1)
+            draw.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(20, 60, 160), width=2)
+        for v in (lo, hi):
+            draw.text((4, xy(s0, v)[1] - 6), f"{v:.4g}", fill="black")
+        draw.text((left, bottom + 8), f"step {s0}", fill="black")
+        draw.text((right - 80, bottom + 8), f"step {s1}", fill="black")
+    draw.text((left + 5, top + 3), "training loss", fill="black")
+    img.save(path)
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+# ---------------------------------------------------------------------------------------------
+# Training.
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]  # the loss of each optimizer step this run did (mean over processes)
+    checkpoint: Path | None  # the last checkpoint folder written
+    components: Components  # the trained models (LoRA layers still wrapped)
+    step: int
+
+
+def train(cfg: TrainConfig, *, loader: Loader | None = None, progress: bool = True) -> TrainResult:
+    d = setup_distributed()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if d.main:
+        (out / "config.toml").write_text(cfg.to_toml())
+
+    # Models: everything frozen, then the parts that train are unfrozen (or LoRA-wrapped).
+    parts = build_components(cfg, d.device)
+    unet = parts.unet
+    n_micro = micro_values(unet, parts.text_encoder_2.config.projection_dim or parts.text_encoder_2.config.width)
+    if cfg.lora:
+        lora_lib.add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        for p in lora_lib.lora_parameters(unet):
+            p.requires_grad_(True)
+    else:
+        unet.requires_grad_(True)
+    unet.train()
+    if cfg.train_text_encoders:
+        for te in (parts.text_encoder, parts.text_encoder_2):
+            if te is not None:
+                te.requires_grad_(True).train()
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(unet)
+    trainee = Trainee(parts, cfg.train_text_encoders)
+    params = {k: p for k, p in trainee.named_parameters() if p.requires_grad}
+    model: nn.Module = trainee
+    if d.world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            trainee, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+            find_unused_parameters=cfg.train_text_encoders,  # CLIP-L's last block feeds nothing SDXL uses
+        )
+
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(d.device.type) if cfg.mixed_precision == "fp16" else None
+    ema = {k: p.detach().float().clone() for k, p in params.items()} if cfg.ema_decay is not None else None
+    gen = torch.Generator(d.device).manual_seed(cfg.seed + d.rank)
+    torch.manual_seed(cfg.seed + d.rank)
+    alphas = TrainingSchedule.from_diffusers(parts.scheduler).alphas_cumprod().float().to(d.device)
+    def autocast() -> torch.autocast:
+        return torch.autocast(d.device.type, dtype=DTYPES.get(cfg.mixed_precision, torch.float32),
+                              enabled=cfg.mixed_precision != "no")
+
+    batches = Batches(*(loader or default_loader)(cfg, d.rank, d.world), num_workers=cfg.num_workers)
+    text_cache = TextCache(out / "cache" / "text.safetensors") if cfg.cache_text else None
+
+    step = 0
+    if cfg.resume:
+        folder = _latest(out) if cfg.resume == "latest" else Path(cfg.resume)
+        meta = load_checkpoint(folder, params, opt, scaler, ema, gen, d)
+        step, batches.epoch, batches.index = meta["step"], meta["epoch"], meta["index"]
+    elif d.main and (out / "loss.csv").exists():
+        (out / "loss.csv").unlink()  # a fresh run starts a fresh curve
+
+    losses: list[float] = []
+    checkpoint: Path | None = None
+    images_per_step = cfg.batch_size * cfg.grad_accum * d.world
+    bar = None
+    if d.main and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    log_rows: list[tuple] = []
+    t_log = time.perf_counter()
+
+    while step < cfg.steps:
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=d.device)
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            last = micro == cfg.grad_accum - 1
+            # Only the last micro-batch all-reduces gradients.
+            sync = contextlib.nullcontext() if last or d.world == 1 else model.no_sync()
+            with sync:
+                text = text_cache.get(trainee, list(batch["captions"]), d.device) if text_cache else None
+                loss = diffusion_loss(model, parts.vae, batch, cfg, alphas, gen, n_micro, autocast, text) / cfg.grad_accum
+                (scaler.scale(loss) if scaler else loss).backward()
+            total += loss.detach()
+        if scaler:
+            scaler.unscale_(opt)
+        if cfg.max_grad_norm > 0:
+            nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            with torch.no_grad():
+                for k, p in params.items():
+                    ema[k].lerp_(p.detach().float(), 1.0 - cfg.ema_decay)
+        step += 1
+
+        if d.world > 1:
+            dist.all_reduce(total)
+            total /= d.world
+        loss_value = total.item()
+        losses.append(loss_value)
+        log_rows.append((step, loss_value, lr))
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            now = time.perf_counter()
+            rate = len(log_rows) / max(now - t_log, 1e-9)
+            t_log = now
+            if d.main:
+                _append_csv(out / "loss.csv", log_rows)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{sum(r[1] for r in log_rows) / len(log_rows):.4f}",
+                                    img_s=f"{rate * images_per_step:.1f}", mem=f"{_peak_memory_gb(d.device):.2f}G")
+            log_rows = []
+        if bar is not None:
+            bar.update(1)
+
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+            checkpoint = out / "checkpoints" / f"step_{step:07d}"
+            save_checkpoint(checkpoint, cfg, parts, params, opt, scaler, ema, gen,
+                            {"step": step, "epoch": batches.epoch, "index": batches.index}, d)
+            if text_cache is not None and d.main:
+                text_cache.save()
+            if d.main:
+                _plot_csv(out)
+
+    if bar is not None:
+        bar.close()
+    return TrainResult(losses, checkpoint, parts, step)
+
+
+def _append_csv(path: Path, rows: list[tuple]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["step", "loss", "lr"])
+        w.writerows((s, f"{loss:.6g}", f"{lr:.6g}") for s, loss, lr in rows)
+
+
+def _plot_csv(out: Path) -> None:
+    path = out / "loss.csv"
+    if not path.exists():
+        return
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    plot_losses([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], out / "loss.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: `sdxl train CONFIG` (or python -m sdxl.training.train CONFIG under torchrun).
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="sdxl train", description="Fine-tune SDXL from a TOML config.")
+    parser.add_argument("config", help="the training config (.toml); see configs/ for examples")
+    parser.add_argument("--resume", help="override the config's resume: a checkpoint folder or 'latest'")
+    parser.add_argument("--steps", type=int, help="override the config's total steps")
+    parser.add_argument("--output-dir", help="override the config's output_dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in (("resume", args.resume), ("steps", args.steps), ("output_dir", args.output_dir))
+                 if v is not None}
+    try:
+        cfg = load_config(args.config, **overrides)
+        result = train(cfg)
+    except (ValueError, OSError) as e:
+        print(f"sdxl train: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if result.checkpoint is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"sdxl train: {result.step} steps done; last checkpoint {result.checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
