@@ -212,6 +212,27 @@ def _param(module: torch.nn.Module) -> Tensor:
     return next(module.parameters())
 
 
+def encode_prompts(
+    text_encoder, text_encoder_2, prompts: Sequence[str], prompts_2: Sequence[str], *,
+    hidden_layer: int = -2, device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """SDXL's text conditioning: (context (B, 77, 768 + 1280 or 1280), pooled bigG (B, 1280)).
+
+    context = cat(CLIP ViT-L hidden[hidden_layer] of `prompts`, bigG hidden[hidden_layer] of
+    `prompts_2`) with no final layer norm; `text_encoder` is None for the refiner (bigG only).
+    Used by generation and by training, so both condition the U-Net the same way.
+    """
+    hidden = []
+    if text_encoder is not None:
+        h, _ = text_encoder(clip_l_tokenizer()(list(prompts)).to(_param(text_encoder).device),
+                            hidden_layer=hidden_layer, pooled=False)
+        hidden.append(h)
+    h2, pooled = text_encoder_2(clip_g_tokenizer()(list(prompts_2)).to(_param(text_encoder_2).device),
+                                hidden_layer=hidden_layer, pooled=True)
+    device = device or h2.device
+    return torch.cat([h.to(device) for h in (*hidden, h2)], dim=-1), pooled.to(device)
+
+
 # ---------------------------------------------------------------------------------------------
 # The VAE, with the float32 fallback.
 
@@ -476,16 +497,8 @@ class Pipeline:
         if key in self._text_cache:
             self._text_cache.move_to_end(key)
             return self._text_cache[key]
-        hidden = []
-        if parts.text_encoder is not None:  # CLIP ViT-L: the refiner has none
-            te = parts.text_encoder
-            h, _ = te(clip_l_tokenizer()(prompt).to(_param(te).device), hidden_layer=hidden_layer, pooled=False)
-            hidden.append(h)
-        te2 = parts.text_encoder_2
-        h2, pooled = te2(clip_g_tokenizer()(prompt_2).to(_param(te2).device), hidden_layer=hidden_layer, pooled=True)
-        hidden.append(h2.to(hidden[0].device) if hidden else h2)
-        device = _param(parts.unet).device
-        result = torch.cat(hidden, dim=-1).to(device), pooled.to(device)
+        result = encode_prompts(parts.text_encoder, parts.text_encoder_2, [prompt], [prompt_2],
+                                hidden_layer=hidden_layer, device=_param(parts.unet).device)
         self._text_cache[key] = result
         while len(self._text_cache) > self.cache_size:
             self._text_cache.popitem(last=False)

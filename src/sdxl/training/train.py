@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from ..checkpoints.load import Components
 from ..checkpoints.save import save_single_file
-from ..models.tokenizer import clip_g_tokenizer, clip_l_tokenizer
+from ..pipeline import encode_prompts
 from ..models.unet import TimestepSequential, UNet, micro_conditioning
 from ..sampling.schedules import TrainingSchedule
 from . import lora as lora_lib
@@ -152,12 +152,9 @@ class Trainee(nn.Module):
         """captions -> (context (B, 77, C), pooled (B, P)); empty captions give zeros where the model says so."""
         device = next(self.unet.parameters()).device
         with contextlib.nullcontext() if self.train_text and torch.is_grad_enabled() else torch.no_grad():
-            hidden = []
-            if self.text_encoder is not None:  # the refiner has no CLIP ViT-L
-                h, _ = self.text_encoder(clip_l_tokenizer()(captions).to(device), hidden_layer=HIDDEN_LAYER, pooled=False)
-                hidden.append(h)
-            h2, pooled = self.text_encoder_2(clip_g_tokenizer()(captions).to(device), hidden_layer=HIDDEN_LAYER, pooled=True)
-            context = torch.cat([*hidden, h2], dim=-1)
+            # The same conditioning as generation (the refiner has no CLIP ViT-L: text_encoder None).
+            context, pooled = encode_prompts(self.text_encoder, self.text_encoder_2, captions, captions,
+                                             hidden_layer=HIDDEN_LAYER, device=device)
         if self.zero_empty:
             keep = torch.tensor([bool(c) for c in captions], device=device, dtype=context.dtype)
             context, pooled = context * keep[:, None, None], pooled * keep[:, None]
