@@ -97,12 +97,9 @@ def test_generate_bad_arguments_exit_2_with_one_line(tiny_model, tmp_path, argv,
     assert "Traceback" not in r.stderr
 
 
-def test_generate_without_a_model_says_how_to_point_at_one(tmp_path):
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k != "SDXL_MODEL"}
-    r = sdxl("generate", "x", "--out", tmp_path / "o", env=env)
-    assert r.returncode == 2 and "--model" in r.stderr and "SDXL_MODEL" in r.stderr
+def test_a_missing_model_says_how_to_point_at_one(tmp_path):
+    r = sdxl("generate", "x", "--model", tmp_path / "none.safetensors", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "none.safetensors: no such file" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_samplers_lists_every_sampler_and_schedule():
@@ -198,6 +195,8 @@ def test_default_model_precedence(tmp_path, monkeypatch):
     monkeypatch.delenv(settings.MODEL_ENV, raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv(settings.CONFIG_ENV, raising=False)
+    assert settings.resolve_model(None) == ("builtin", "built-in")  # nothing configured: the packaged model
+    monkeypatch.setattr(settings, "BUILTIN_MODEL", None)  # (an installation without one)
     with pytest.raises(ValueError) as e:
         settings.resolve_model(None)
     assert all(w in str(e.value) for w in ("--model", "SDXL_MODEL", str(tmp_path / "xdg" / "sdxl" / "config.toml")))

@@ -9,6 +9,7 @@ Both sides then generate from the same prompt, seed, size and sampler, and the f
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -323,7 +324,8 @@ def test_image_i_of_a_batch_is_the_single_image_of_seed_plus_i(ours, mode):
     assert batch.shape == (3, 4, 8, 8)
     for i in range(3):
         single = pipe.generate(PROMPT, seed=10 + i, batch=1, **kwargs)
-        torch.testing.assert_close(batch[i:i + 1], single, rtol=1e-5, atol=1e-5)
+        # (a batch of 3 and of 1 take different float32 GEMM paths; ancestral noise amplifies that a little)
+        torch.testing.assert_close(batch[i:i + 1], single, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(batch[0], batch[1], atol=1e-2)
 
 
@@ -404,13 +406,20 @@ def test_inpainting_model_needs_a_mask(ours):
         ours["inpaint"].generate("x", width=64, height=64, steps=1)
 
 
-def test_sizes_outside_the_sdxl_buckets_warn_but_run(ours):
+def test_sizes_outside_the_sdxl_buckets_warn_but_run(ours, monkeypatch):
+    unet = ours["base"].base.unet
+    monkeypatch.setattr(unet, "config", dataclasses.replace(unet.config, sample_size=128))  # an SDXL-sized model
     with pytest.warns(ResolutionWarning, match="64x64 is not one of SDXL's trained"):
         ours["base"].generate("x", width=64, height=64, steps=1, output="latent")
     with warnings.catch_warnings():
         warnings.simplefilter("error", ResolutionWarning)
         with pytest.raises(Cancelled):  # 1152x896 is a bucket: no warning (cancelled before the first step)
             ours["base"].generate("x", width=1152, height=896, steps=1, output="latent", cancel=lambda: True)
+        # A model trained at another size (the built-in one: 64 px) is not held to SDXL's list; its native size
+        # is the default.
+        monkeypatch.setattr(unet, "config", dataclasses.replace(unet.config, sample_size=8))
+        latents = ours["base"].generate("x", steps=1, output="latent")
+        assert latents.shape[-2:] == (8, 8)
 
 
 def test_half_precision_vae_overflow_is_decoded_again_in_float32(models):

@@ -23,13 +23,7 @@ from sdxl.training.train import train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on shared CPU cores: more threads than cores is 50x slower, not faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +66,25 @@ def test_loss_falls_and_checkpoint_generates(data, tmp_path):
         warnings.simplefilter("ignore")
         images = pipe.generate("a colourful gradient", width=32, height=32, steps=2, cfg=1.0, seed=0)
     assert images[0].size == (32, 32)
+
+
+def test_cached_latents_match_encoding_on_the_fly(data, tmp_path):
+    # The cache keeps each view's posterior (mean, std) in float16 and draws the same noise as encode(sample=True).
+    plain = train(config(data, tmp_path / "plain", steps=3, random_crop=True), progress=False)
+    cached = train(config(data, tmp_path / "cached", steps=3, random_crop=True, cache_latents=True), progress=False)
+    np.testing.assert_allclose(cached.losses, plain.losses, rtol=2e-2)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "cached" / "cache" / "latents_rank0.safetensors"))
+    means = [v for k, v in saved.items() if k.endswith(".mean")]
+    assert 1 <= len(means) <= 4 * 2 * 3 and means[0].shape == (4, 4, 4) and means[0].dtype == torch.float16
+    from sdxl.training.train import LatentCache
+
+    reloaded = LatentCache(tmp_path / "cached" / "cache" / "latents_rank0.safetensors")  # as a resumed run does
+    assert len(reloaded.items) == len(means)
+    more = train(config(data, tmp_path / "cached", steps=4, random_crop=True, cache_latents=True, resume="latest"),
+                 progress=False)
+    assert len(more.losses) == 1
 
 
 def _outputs(unet: UNet, seed: int = 0) -> torch.Tensor:

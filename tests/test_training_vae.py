@@ -22,7 +22,9 @@ def test_train_save_reload(tmp_path):
     before = tv.AutoencoderKL(SMALL).eval()
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     with torch.no_grad():
-        _, l1_before, _ = tv.vae_loss(before, x, gen(), 1e-4)
+        loss_before, l1_before, _ = tv.vae_loss(before, x, gen(), 1e-4)
+        with_edges = tv.vae_loss(before, x, gen(), 1e-4, edge_weight=1.0)[0]
+    assert float(with_edges) > float(loss_before)  # the edge term adds the neighbour-difference error
 
     vae, losses = tv.train_vae(tmp_path / "out", data, steps=30, batch_size=8, lr=3e-3, warmup=5, seed=0,
                                config=SMALL, crop=32, progress=False)
@@ -37,6 +39,11 @@ def test_train_save_reload(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded.decode(loaded.encode(x)), vae.decode(vae.encode(x)))
 
+    # The generic VAE-file loader (pipeline `vae=`, `sdxl convert --vae`) reads its size from the metadata too.
+    from sdxl.checkpoints.load import load_vae_file
+
+    assert load_vae_file(tmp_path / "out" / "vae.safetensors").config == vae.config
+
     # The init checkpoint holds the same VAE (and its scaling factor) for `model = ...` in a training config.
     from sdxl.checkpoints.load import load
 
@@ -48,7 +55,8 @@ def test_train_save_reload(tmp_path):
 
     # A decoder-only second stage keeps the encoder (the latents) and the scaling factor.
     vae2, _ = tv.train_vae(tmp_path / "out2", data, steps=3, batch_size=4, seed=1, crop=32, progress=False,
-                           init_from=tmp_path / "out" / "vae.safetensors", decoder_only=True, init_checkpoints=False)
+                           init_from=tmp_path / "out" / "vae.safetensors", decoder_only=True, init_checkpoints=False,
+                           edge_weight=1.0)
     assert vae2.config == vae.config
     assert all(torch.equal(a, b) for a, b in zip(vae2.encoder.state_dict().values(), vae.encoder.state_dict().values()))
     assert not all(torch.equal(a, b) for a, b in zip(vae2.decoder.state_dict().values(), vae.decoder.state_dict().values()))

@@ -49,8 +49,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import builtin
 from . import images as imaging
 from . import sampling
+from .acceleration import Offload, check_modes, compile_unet, execution_device
 from .checkpoints.load import Components
 from .models.tokenizer import clip_g_tokenizer, clip_l_tokenizer
 from .models.unet import micro_conditioning
@@ -101,6 +103,9 @@ def _pair(name: str, value, *, allow_none: bool = True) -> tuple[int, int] | Non
     return int(a), int(b)
 
 
+DEFAULT_CFG = 5.0  # the guidance scale for models that recommend none (SDXL's usual 5-7)
+
+
 @dataclass
 class GenerationOptions:
     """Everything one `generate` call can set. Validated on construction (ValueError naming what is allowed).
@@ -113,10 +118,12 @@ class GenerationOptions:
     prompt_2: str | None = None  # for OpenCLIP bigG; None: `prompt`
     negative_prompt: str = ""
     negative_prompt_2: str | None = None  # None: `negative_prompt`
-    width: int | None = None  # None: the init image's width (rounded down to a multiple of 8), else 1024
+    width: int | None = None  # None: the init image's width (rounded down to a multiple of 8), else the model's native size (1024 for SDXL)
     height: int | None = None
     steps: int = 30
-    cfg: float = 5.0  # classifier-free guidance scale; <= 1 runs the U-Net without the negative branch
+    # classifier-free guidance scale; <= 1 runs the U-Net without the negative branch. None: the scale the model's
+    # file recommends (the built-in model's is 3), else 5
+    cfg: float | None = None
     guidance_rescale: float = 0.0  # 0..1, "Common Diffusion Noise Schedules and Sample Steps are Flawed" 3.4
     sampler: str = "euler"
     schedule: str = "default"
@@ -158,7 +165,7 @@ class GenerationOptions:
             raise ValueError(f"batch must be an integer >= 1 (images per call), got {self.batch!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if not math.isfinite(self.cfg) or self.cfg < 0:
+        if self.cfg is not None and (not isinstance(self.cfg, (int, float)) or not math.isfinite(self.cfg) or self.cfg < 0):
             raise ValueError(f"cfg must be a finite number >= 0, got {self.cfg!r}")
         if not 0.0 <= self.guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {self.guidance_rescale!r}")
@@ -224,10 +231,10 @@ def encode_prompts(
     """
     hidden = []
     if text_encoder is not None:
-        h, _ = text_encoder(clip_l_tokenizer()(list(prompts)).to(_param(text_encoder).device),
+        h, _ = text_encoder(clip_l_tokenizer()(list(prompts)).to(execution_device(text_encoder)),
                             hidden_layer=hidden_layer, pooled=False)
         hidden.append(h)
-    h2, pooled = text_encoder_2(clip_g_tokenizer()(list(prompts_2)).to(_param(text_encoder_2).device),
+    h2, pooled = text_encoder_2(clip_g_tokenizer()(list(prompts_2)).to(execution_device(text_encoder_2)),
                                 hidden_layer=hidden_layer, pooled=True)
     device = device or h2.device
     return torch.cat([h.to(device) for h in (*hidden, h2)], dim=-1), pooled.to(device)
@@ -273,7 +280,7 @@ def encode_image(vae: AutoencoderKL, image: Tensor, generators: Sequence[torch.G
     Latent i is a sample of the VAE's Gaussian drawn with generator i (float32 on the CPU), so it
     does not depend on the device or on the other images.
     """
-    vae_device = _param(vae).device
+    vae_device = execution_device(vae)
     image = image.to(vae_device)
 
     def moments(x: Tensor) -> Tensor:
@@ -316,16 +323,34 @@ class Pipeline:
 
     cache_size = 16  # text conditionings kept for repeated prompts
 
-    def __init__(self, base: Components, refiner: Components | None = None):
+    def __init__(self, base: Components, refiner: Components | None = None, *, compile: bool | str = False,
+                 offload: str | None = None, device: torch.device | str | None = None):
+        """compile: torch.compile the U-Nets' forward (True, or a torch.compile mode name), compiled on
+        the first image of each size and reused after; see `sdxl.acceleration.compile_unet`.
+        offload: "model" or "sequential" keeps the weights in CPU memory and copies a component
+        ("model") or one layer at a time ("sequential") to `device` only while it runs; see
+        `sdxl.acceleration.Offload`. device: where offloaded components run (default: where the
+        U-Net's weights are now); without offload every component runs where its weights are.
+        """
         for name, parts in (("model", base), ("refiner", refiner)):
             if parts is not None and (parts.unet is None or parts.vae is None or parts.text_encoder_2 is None):
                 raise ValueError(f"the {name} needs a U-Net, a VAE and the OpenCLIP bigG text encoder")
+        check_modes(compile, offload)
         self.base, self.refiner = base, refiner
         self._text_cache: OrderedDict = OrderedDict()
+        stages = [p for p in (base, refiner) if p is not None]
+        self.offload: Offload | None = None
+        if offload is not None:
+            components = [m for p in stages for m in (p.text_encoder, p.text_encoder_2, p.unet, p.vae) if m is not None]
+            self.offload = Offload(offload, device or execution_device(base.unet), components)
+        if compile:
+            for parts in stages:
+                compile_unet(parts.unet, mode=None if compile is True else compile)
 
     @property
     def device(self) -> torch.device:
-        return _param(self.base.unet).device
+        """Where the models run (with offload: where they are copied to while they run)."""
+        return execution_device(self.base.unet)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -357,12 +382,25 @@ class Pipeline:
         options = GenerationOptions(prompt=prompt, init_image=image, strength=strength, **overrides)
         return self.run(options, callback=callback, cancel=cancel, model=model, refiner=None)
 
-    @torch.no_grad()
+    def recommended_cfg(self, model: Components | None = None) -> float:
+        """The guidance scale used when none is given: the model file's recommendation, else 5."""
+        return float((model or self.base).recommended.get("cfg", DEFAULT_CFG))
+
     def run(self, o: GenerationOptions, *, callback=None, cancel=None, model: Components | None = None,
             refiner: Components | None | bool = True):
         """The one generation loop behind `generate` and `refine`."""
+        try:
+            return self._run(o, callback=callback, cancel=cancel, model=model, refiner=refiner)
+        finally:
+            if self.offload is not None:
+                self.offload.unload()  # model offload: nothing stays on the device between calls
+
+    @torch.no_grad()
+    def _run(self, o: GenerationOptions, *, callback, cancel, model: Components | None, refiner):
         model = model or self.base
         refiner = self.refiner if refiner is True else refiner
+        if o.cfg is None:
+            o = o.replace(cfg=self.recommended_cfg(model))
         gens = [torch.Generator().manual_seed(o.seed + i) for i in range(o.batch)]
 
         # Images in.
@@ -377,11 +415,12 @@ class Pipeline:
             if mask_image is not None:
                 mask = imaging.prepare_mask(mask_image, width, height, o.mask_blur)
         else:
-            width, height = o.width or 1024, o.height or 1024
-        if (width, height) not in SDXL_RESOLUTIONS:
+            native = model.unet.config.sample_size * 8  # the size the model was trained at: 1024 for SDXL
+            width, height = o.width or native, o.height or native
+        if model.unet.config.sample_size == 128 and (width, height) not in SDXL_RESOLUTIONS:
             warnings.warn(
                 f"{width}x{height} is not one of SDXL's trained ~1-megapixel resolutions (e.g. 1024x1024, 1152x896, "
-                "1216x832, 1344x768, 1536x640); results may be worse", ResolutionWarning, stacklevel=3,
+                "1216x832, 1344x768, 1536x640); results may be worse", ResolutionWarning, stacklevel=4,
             )
         use_refiner = refiner is not None and o.refiner_switch is not None and mask is None
         if mask is not None and model.unet.config.in_channels not in (4, 9):
@@ -405,7 +444,7 @@ class Pipeline:
         progress = _Progress(callback, sum(p.steps for _, p in plans))
 
         # Starting latents, consuming each image's generator in diffusers' order.
-        device = _param(model.unet).device
+        device = execution_device(model.unet)
         shape = (1, 4, height // 8, width // 8)
         inpaint = None
         if init is None:
@@ -426,7 +465,7 @@ class Pipeline:
         if o.output == "latent":
             return x
         decoder = plans[-1][0].vae
-        images = decode_latents(decoder, x.to(_param(decoder).device), tiled=o.vae_tiling)
+        images = decode_latents(decoder, x.to(execution_device(decoder)), tiled=o.vae_tiling)
         if o.output == "np":
             return imaging.to_unit(images).numpy()
         return imaging.to_pil(images)
@@ -498,7 +537,7 @@ class Pipeline:
             self._text_cache.move_to_end(key)
             return self._text_cache[key]
         result = encode_prompts(parts.text_encoder, parts.text_encoder_2, [prompt], [prompt_2],
-                                hidden_layer=hidden_layer, device=_param(parts.unet).device)
+                                hidden_layer=hidden_layer, device=execution_device(parts.unet))
         self._text_cache[key] = result
         while len(self._text_cache) > self.cache_size:
             self._text_cache.popitem(last=False)
@@ -572,13 +611,19 @@ class _Progress:
 
 
 def resolve_path(name: str | Path, *, allow_download: bool = False) -> Path:
-    """A local file or folder, or a Hugging Face Hub repo id found in the local cache.
+    """A local file or folder, a built-in model name ("builtin", "builtin-refiner"), or a Hugging Face Hub repo
+    id found in the local cache.
 
     The Hub is only asked (and the repo downloaded into the cache) with allow_download=True.
     """
     path = Path(name).expanduser()
     if path.exists():
         return path
+    packaged = builtin.path(str(name))
+    if packaged is not None:
+        if not packaged.is_file():
+            raise FileNotFoundError(f"{name}: the built-in model's file {packaged} is missing from this installation")
+        return packaged
     text = str(name)
     if text.count("/") != 1 or text.startswith((".", "/", "~")) or text.endswith((".safetensors", ".ckpt")):
         raise FileNotFoundError(f"{text}: no such file or folder")
@@ -610,22 +655,29 @@ def _load_vae(path: str | Path, dtype, device) -> AutoencoderKL:
 
 
 def load(model: str | Path, refiner: str | Path | None = None, *, device=None, dtype=None, vae: str | Path | None = None,
-         variant: str | None = None) -> Pipeline:
+         variant: str | None = None, compile: bool | str = False, offload: str | None = None,
+         progress: Callable[[str], None] | None = None) -> Pipeline:
     """Load a model (and a refiner) into a `Pipeline`.
 
     model / refiner: an official-layout single file, a diffusers folder, or a Hub repo id already in
     the local cache. device / dtype: torch objects or strings ("cuda", "fp16", ...; default CPU and
     float32). vae: a VAE file (or diffusers VAE folder) used instead of the models' own, e.g. a VAE
-    fixed for float16.
+    fixed for float16. compile / offload: see `Pipeline`; with offload the weights are loaded into
+    CPU memory and run on `device`. progress(name) is called as each model is loaded ("unet", "vae", ...).
     """
     from .checkpoints.load import load as load_components
 
+    check_modes(compile, offload)  # before the slow part
     device = torch.device(device) if device is not None else None
-    base = load_components(resolve_path(model), dtype=dtype, device=device, variant=variant)
-    second = load_components(resolve_path(refiner), dtype=dtype, device=device, variant=variant) if refiner else None
+    run_on, device = (device, None) if offload is not None else (None, device)  # offload: weights stay in CPU memory
+    base = load_components(resolve_path(model), dtype=dtype, device=device, variant=variant, progress=progress)
+    second = (load_components(resolve_path(refiner), dtype=dtype, device=device, variant=variant,
+                              progress=progress and (lambda name: progress(f"refiner {name}"))) if refiner else None)
     if vae is not None:
         replacement = _load_vae(vae, dtype, device)
+        if progress is not None:
+            progress("vae (replacement)")
         base.vae = replacement
         if second is not None:
             second.vae = replacement
-    return Pipeline(base, second)
+    return Pipeline(base, second, compile=compile, offload=offload, device=run_on)

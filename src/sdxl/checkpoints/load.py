@@ -8,8 +8,8 @@ match is used without a copy.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
 import json
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from .formats import (
     read_json,
 )
 from .keymap import CheckpointError, KeyMap, check_shapes, convert
-from .save import METADATA_CONFIGS
+from .save import METADATA_CONFIGS, METADATA_RECOMMENDED
 from ..models import clip as clip_models, unet as unet_models, vae as vae_models
 
 
@@ -50,6 +50,9 @@ class Components:
     # model says so: the official base does, the official refiner does not.
     force_zeros_for_empty_prompt: bool = True
     source: Path | None = None
+    # Generation settings the model's maker recommends (file metadata "sdxl.recommended", e.g. {"cfg": 3.0}); the
+    # pipeline uses them where the user sets nothing.
+    recommended: dict = field(default_factory=dict)
 
 
 class Prefixed(Mapping[str, Tensor]):
@@ -169,13 +172,18 @@ def load_single_file(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     components: tuple[str, ...] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Components:
-    """Load an official-layout SDXL file (base, refiner or a fine-tune of either)."""
+    """Load an official-layout SDXL file (base, refiner or a fine-tune of either).
+
+    progress(name) is called after each component is loaded (e.g. to advance a progress bar)."""
     path = Path(path)
-    return load_official_tensors(open_tensors(path), path, dtype=dtype, device=device, components=components)
+    return load_official_tensors(open_tensors(path), path, dtype=dtype, device=device, components=components,
+                                 progress=progress)
 
 
-def load_official_tensors(tensors, path: Path, *, dtype=None, device=None, components=None) -> Components:
+def load_official_tensors(tensors, path: Path, *, dtype=None, device=None, components=None,
+                          progress: Callable[[str], None] | None = None) -> Components:
     """`load_single_file` for an opened file (a TensorFile, or a manifest of meta tensors in tests)."""
     desc = describe_tensors(tensors, path)
     if desc.layout != "single-file":
@@ -185,7 +193,8 @@ def load_official_tensors(tensors, path: Path, *, dtype=None, device=None, compo
     _check_no_strays(tensors, prefixes.values(), path)
     configs = official_configs(tensors, kind)
     maps = official_key_maps(configs)
-    out = Components(kind=desc.kind, source=path, force_zeros_for_empty_prompt=(kind == "base"))
+    out = Components(kind=desc.kind, source=path, force_zeros_for_empty_prompt=(kind == "base"),
+                     recommended=_recommended(tensors, path))
     for name, prefix in prefixes.items():
         if name not in desc.components or (components is not None and name not in components):
             continue
@@ -195,7 +204,23 @@ def load_official_tensors(tensors, path: Path, *, dtype=None, device=None, compo
             where=f"{path} ({name}, {prefix}*)", ignore=ignore, dtype=dtype, device=device,
         )
         setattr(out, name, model)
+        if progress is not None:
+            progress(name)
     return out
+
+
+RECOMMENDABLE = {"cfg": float}  # GenerationOptions fields a file may recommend
+
+
+def _recommended(tensors: Mapping[str, Tensor], path: Path) -> dict:
+    saved = getattr(tensors, "metadata", {}).get(METADATA_RECOMMENDED)
+    if not saved:
+        return {}
+    try:
+        values = json.loads(saved)
+        return {k: RECOMMENDABLE[k](v) for k, v in values.items() if k in RECOMMENDABLE}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: unreadable recommended settings in the file's metadata ({e})") from None
 
 
 def _check_no_strays(tensors: Mapping[str, Tensor], prefixes, path: Path) -> None:
@@ -220,6 +245,9 @@ def load_vae_file(path: str | Path, *, dtype=None, device=None) -> AutoencoderKL
     if desc.kind != "vae":
         raise CheckpointError(f"{path}: not a VAE file but an SDXL {desc.kind} checkpoint ({desc.layout})")
     config = vae_models.base
+    saved = getattr(tensors, "metadata", {}).get(METADATA_CONFIGS)
+    if saved and "vae" in saved:  # a VAE of another size that we wrote (e.g. by sdxl.training.train_vae)
+        config = official_configs(tensors, "vae")["vae"]
     official = any(k.startswith("encoder.down.") for k in tensors)
     rules = vae_keys.official_vae_keys(config) if official else vae_keys.diffusers_vae_keys(config)
     return build(AutoencoderKL, config, tensors, rules, where=str(path), ignore=vae_keys.VAE_IGNORED, dtype=dtype, device=device)
@@ -275,6 +303,7 @@ def load_diffusers(
     device: torch.device | str | None = None,
     variant: str | None = None,
     components: tuple[str, ...] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Components:
     """Load a diffusers-format SDXL folder (model_index.json, unet/, vae/, text_encoder*/)."""
     folder = Path(folder)
@@ -290,6 +319,8 @@ def load_diffusers(
     for name in parts:
         if components is None or name in components:
             setattr(out, name, DIFFUSERS_LOADERS[name](folder / name, dtype=dtype, device=device, variant=variant))
+            if progress is not None:
+                progress(name)
     return out
 
 
@@ -299,9 +330,12 @@ def load(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     variant: str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Components:
-    """Load any SDXL checkpoint: an official-layout single file or a diffusers folder."""
+    """Load any SDXL checkpoint: an official-layout single file or a diffusers folder.
+
+    progress(name) is called after each component (unet, vae, text_encoder, text_encoder_2) is loaded."""
     path = Path(path)
     if path.is_dir():
-        return load_diffusers(path, dtype=dtype, device=device, variant=variant)
-    return load_single_file(path, dtype=dtype, device=device)
+        return load_diffusers(path, dtype=dtype, device=device, variant=variant, progress=progress)
+    return load_single_file(path, dtype=dtype, device=device, progress=progress)

@@ -32,6 +32,7 @@ from .keymap import CheckpointError, invert
 
 METADATA_KIND = "sdxl.kind"
 METADATA_CONFIGS = "sdxl.configs"
+METADATA_RECOMMENDED = "sdxl.recommended"  # generation settings for this model, e.g. {"cfg": 3.0}
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
@@ -70,6 +71,8 @@ def save_single_file(components, path: str | Path, *, dtype: torch.dtype | None 
         if getattr(components, name, None) is not None
     }
     metadata[METADATA_CONFIGS] = json.dumps(configs)
+    if getattr(components, "recommended", None):
+        metadata[METADATA_RECOMMENDED] = json.dumps(components.recommended)
     save_tensors(official_layout(components, dtype), path, metadata=metadata)
 
 

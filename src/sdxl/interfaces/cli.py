@@ -256,11 +256,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if device and str(device).startswith("cuda") and not torch.cuda.is_available():
         where = " (the device stored in the image; pass --device cpu)" if args.from_image else ""
         raise ValueError(f"device {device!r}: CUDA is not available on this machine{where}")
-    print(f"loading {model} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    pipe = sdxl.load(model_path, refiner=refiner_path, device=settings["device"], dtype=settings["dtype"],
-                     vae=vae_path, variant=settings["variant"])
+    # One tick per model (unet, vae, text encoders; the refiner's too): a full-size file takes seconds per model.
+    loading = tqdm(desc=f"loading {model}", unit="model", leave=False, file=sys.stderr)
+
+    def loaded_one(name: str) -> None:
+        loading.set_postfix_str(name, refresh=False)
+        loading.update(1)
+
+    try:
+        pipe = sdxl.load(model_path, refiner=refiner_path, device=settings["device"], dtype=settings["dtype"],
+                         vae=vae_path, variant=settings["variant"], compile=args.compile, offload=args.offload,
+                         progress=loaded_one)
+    finally:
+        loading.close()
     loaded = time.perf_counter() - start
+    if settings["cfg"] is None:  # the model's recommended scale: stored in the PNG, so --from-image repeats it
+        settings["cfg"] = pipe.recommended_cfg()
     dtype_name = {getattr(torch, v): k for k, v in DTYPES.items()}.get(pipe.dtype, str(pipe.dtype))
     common = {
         "model": stored(model), "refiner": stored(settings["refiner"]),
@@ -416,12 +428,19 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
                    help="download Hub repo ids that are not in the local cache (also SDXL_ALLOW_DOWNLOAD=1)")
     m.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cpu)")
     m.add_argument("--dtype", choices=sorted(DTYPES), help="weights' dtype (default: fp32)")
+    m.add_argument("--compile", action="store_true",
+                   help="torch.compile the U-Net: the first image of each size compiles (minutes; cached on disk "
+                   "for later runs), the next ones are faster")
+    m.add_argument("--offload", choices=("model", "sequential"),
+                   help="keep the weights in CPU memory and copy them to --device only while they run: one model "
+                   "at a time (model), or one layer at a time (sequential: least GPU memory, slowest)")
 
     s = gen.add_argument_group("sampling")
-    s.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the init image's width, else 1024)")
-    s.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the init image's height, else 1024)")
+    s.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the init image's width, else the model's native size: 1024 for SDXL)")
+    s.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the init image's height, else the model's native size)")
     s.add_argument("--steps", type=int, default=30, help="sampling steps (img2img runs strength * steps)")
-    s.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (<= 1: no negative branch)")
+    s.add_argument("--cfg", type=float, help="classifier-free guidance scale (<= 1: no negative branch; default: what "
+                   "the model's file recommends, else 5; the built-in model's is 3)")
     s.add_argument("--guidance-rescale", dest="guidance_rescale", type=float, default=0.0,
                    help="0..1, rescale the guided prediction's std (Lin et al. 2023)")
     s.add_argument("--sampler", default="euler", help="see `sdxl samplers`")

@@ -6,8 +6,8 @@ The model is the first of:
 2. the `SDXL_MODEL` environment variable;
 3. `model = "..."` in the config file: `$SDXL_CONFIG` if set, else `$XDG_CONFIG_HOME/sdxl/config.toml`
    (`~/.config/sdxl/config.toml` when XDG_CONFIG_HOME is unset);
-4. the built-in model (`BUILTIN_MODEL`; none exists yet, so without 1-3 the command stops with a
-   message that says how to point at a checkpoint).
+4. the built-in model ("builtin": a tiny SDXL-family model trained on coloured shapes that ships with the
+   package, see `sdxl.builtin`).
 
 A model may be a .safetensors file, a diffusers folder or a Hugging Face Hub repo id. Repo ids are
 looked up in the local Hugging Face cache only, unless downloads are allowed with `--allow-download`
@@ -25,7 +25,7 @@ from typing import Any
 MODEL_ENV = "SDXL_MODEL"
 CONFIG_ENV = "SDXL_CONFIG"
 ALLOW_DOWNLOAD_ENV = "SDXL_ALLOW_DOWNLOAD"
-BUILTIN_MODEL: str | None = None  # no built-in model ships yet
+BUILTIN_MODEL: str | None = "builtin"  # sdxl.builtin: resolved to the packaged file by pipeline.resolve_path
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}

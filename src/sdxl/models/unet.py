@@ -234,8 +234,10 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Identity() if channels == out else nn.Conv2d(channels, out, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        # Sums accumulate in place into fresh conv / linear outputs (which autograd does not keep):
+        # the same values, one large temporary fewer per add (on the CPU each is new memory to fault in).
+        h = self.in_layers(x).add_(self.emb_layers(emb)[:, :, None, None])
+        return self.out_layers(h).add_(self.skip_connection(x))
 
 
 class Attention(nn.Module):
@@ -268,7 +270,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        return F.gelu(gate).mul_(value)
 
 
 class FeedForward(nn.Module):
@@ -296,9 +298,9 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         h = self.norm1(x)
-        x = x + self.attn1(h, h)
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        x = self.attn1(h, h).add_(x)  # in place, as in ResBlock
+        x = self.attn2(self.norm2(x), context).add_(x)
+        return self.ff(self.norm3(x)).add_(x)
 
 
 class SpatialTransformer(nn.Module):

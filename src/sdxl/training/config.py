@@ -76,7 +76,9 @@ class TrainConfig:
     mixed_precision: str = "no"  # "bf16" / "fp16": torch.autocast for the forward pass (weights stay fp32)
     gradient_checkpointing: bool = False  # recompute U-Net blocks in the backward pass: less memory, ~30% slower
     cache_text: bool = False  # encode each distinct caption once (kept in memory, saved to output/cache)
-    cache_latents: bool = False  # not implemented yet: needs per-image ids from the data module
+    # encode each (image, crop, flip) once: the VAE posterior's mean and std are kept in memory (float16) and saved
+    # to output_dir/cache/latents.safetensors; every step still draws a fresh posterior sample from them
+    cache_latents: bool = False
 
     # -- outputs
     output_dir: str = "runs/train"  # checkpoints/, loss.csv, loss.png, config.toml
@@ -194,8 +196,6 @@ def _validate(c: TrainConfig) -> None:
         raise ValueError("train_text_encoders is for full fine-tunes; LoRA trains U-Net adapters only")
     if c.cache_text and c.train_text_encoders:
         raise ValueError("cache_text needs frozen text encoders (train_text_encoders = false)")
-    if c.cache_latents:
-        raise ValueError("cache_latents is not implemented yet (latents are encoded on the fly); set it to false")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -131,6 +131,7 @@ class Example:
     crop_top_left: tuple[int, int]  # (top, left) cropped off the resized image: c_crop
     target_size: tuple[int, int]  # (h, w) of the bucket
     path: str
+    view: str = ""  # the file, crop window and flip these pixels come from: the latent cache's key
 
 
 def _oriented_size(im: Image.Image) -> tuple[int, int]:
@@ -310,6 +311,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             crop_top_left=(round(source_top * s) + top, round(source_left * s) + left),
             target_size=(bh, bw),
             path=str(path),
+            view=f"{path}|{bw}x{bh}|{top},{left}|{'flip' if flipped else ''}",
         )
 
 
@@ -404,4 +406,5 @@ def collate(examples: list[Example]) -> dict:
         "crop_top_left": torch.tensor([e.crop_top_left for e in examples], dtype=torch.float32),
         "target_size": torch.tensor([e.target_size for e in examples], dtype=torch.float32),
         "paths": [e.path for e in examples],
+        "views": [e.view for e in examples],
     }

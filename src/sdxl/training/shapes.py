@@ -188,6 +188,18 @@ def measure(image: Image.Image) -> dict:
     return out
 
 
+def all_prompts() -> list[tuple[str, str, str]]:
+    """Every (shape, colour, background) with background != colour: 8 x 7 x 3 = 168 prompts to judge a model by."""
+    return [(s, c, b) for c in _PALETTE_NAMES for b in _PALETTE_NAMES if b != c for s in SHAPES]
+
+
+def judge(image: Image.Image, shape: str, colour: str, background: str) -> dict[str, bool]:
+    """Whether `measure(image)` finds the prompt's background, shape colour and shape; 'all' when all three."""
+    m = measure(image)
+    ok = {"background": m["background"] == background, "colour": m["colour"] == colour, "shape": m["shape"] == shape}
+    return {**ok, "all": all(ok.values())}
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing the data set.
 

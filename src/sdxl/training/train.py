@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import csv
 import hashlib
 import json
@@ -214,8 +215,10 @@ class Batches:
                 self._it, self.epoch, self.index = None, self.epoch + 1, 0
 
 
-class TextCache:
-    """caption -> (context, pooled) of frozen text encoders, kept on the CPU; saved as safetensors."""
+class _PairCache:
+    """key -> a pair of CPU tensors named NAMES, kept in memory and saved as one safetensors file."""
+
+    NAMES: tuple[str, str]
 
     def __init__(self, path: Path):
         self.path, self.items = path, {}
@@ -223,11 +226,29 @@ class TextCache:
             from safetensors.torch import load_file
 
             t = load_file(str(path))
-            self.items = {k[:-8]: (t[k], t[k[:-8] + ".pooled"]) for k in t if k.endswith(".context")}
+            a, b = (f".{n}" for n in self.NAMES)
+            self.items = {k[:-len(a)]: (t[k], t[k[:-len(a)] + b]) for k in t if k.endswith(a)}
 
     @staticmethod
-    def key(caption: str) -> str:
-        return hashlib.sha1(caption.encode("utf-8")).hexdigest()
+    def key(text: str) -> str:
+        return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+    def rows(self, keys: list[str], device: torch.device, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        rows = [self.items[k] for k in keys]
+        return (torch.stack([r[0] for r in rows]).to(device, dtype), torch.stack([r[1] for r in rows]).to(device, dtype))
+
+    def save(self) -> None:
+        from safetensors.torch import save_file
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{k}.{n}": v.contiguous() for k, pair in self.items.items() for n, v in zip(self.NAMES, pair)}
+        save_file(tensors, str(self.path))
+
+
+class TextCache(_PairCache):
+    """caption -> (context, pooled) of frozen text encoders."""
+
+    NAMES = ("context", "pooled")
 
     def get(self, trainee: Trainee, captions: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
         missing = sorted({c for c in captions if self.key(c) not in self.items})
@@ -235,15 +256,24 @@ class TextCache:
             context, pooled = trainee.encode_text(missing)
             for c, ctx, pool in zip(missing, context.cpu(), pooled.cpu()):
                 self.items[self.key(c)] = (ctx, pool)
-        rows = [self.items[self.key(c)] for c in captions]
-        return torch.stack([r[0] for r in rows]).to(device), torch.stack([r[1] for r in rows]).to(device)
+        return self.rows([self.key(c) for c in captions], device)
 
-    def save(self) -> None:
-        from safetensors.torch import save_file
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{k}.{n}": v.contiguous() for k, (c, p) in self.items.items() for n, v in (("context", c), ("pooled", p))}
-        save_file(tensors, str(self.path))
+class LatentCache(_PairCache):
+    """view (file, crop, flip) -> the frozen VAE's posterior (mean, std), stored in float16."""
+
+    NAMES = ("mean", "std")
+
+    @torch.no_grad()
+    def get(self, vae, images: Tensor, views: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+        keys = [self.key(v) for v in views]
+        missing = [i for i, k in enumerate(keys) if k not in self.items]
+        if missing:
+            mean, logvar = vae.encode_moments(images[missing].to(device, next(vae.parameters()).dtype))
+            std = torch.exp(0.5 * logvar.float())
+            for i, m, s in zip(missing, mean.half().cpu(), std.half().cpu()):
+                self.items[keys[i]] = (m, s)
+        return self.rows(keys, device, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,11 +281,16 @@ class TextCache:
 
 
 def diffusion_loss(model: nn.Module, vae, batch: dict, cfg: TrainConfig, alphas: Tensor, gen: torch.Generator,
-                   n_micro: int, autocast, text: tuple[Tensor, Tensor] | None) -> Tensor:
+                   n_micro: int, autocast, text: tuple[Tensor, Tensor] | None,
+                   moments: tuple[Tensor, Tensor] | None = None) -> Tensor:
     device = alphas.device
-    images = batch["images"].to(device)
     with torch.no_grad():  # the VAE is frozen: sample its posterior, scale as the pipeline does
-        x0 = vae.scale_latents(vae.encode(images, sample=True, generator=gen).float())
+        if moments is not None:  # cached (mean, std)
+            mean, std = moments
+            x0 = mean + std * torch.randn(mean.shape, generator=gen, device=device)
+        else:
+            x0 = vae.encode(batch["images"].to(device), sample=True, generator=gen).float()
+        x0 = vae.scale_latents(x0)
     b = x0.shape[0]
     t = torch.randint(cfg.timestep_min, cfg.timestep_max + 1, (b,), generator=gen, device=device)
     noise = torch.randn(x0.shape, generator=gen, device=device)
@@ -438,6 +473,8 @@ def train(cfg: TrainConfig, *, loader: Loader | None = None, progress: bool = Tr
     # Models: everything frozen, then the parts that train are unfrozen (or LoRA-wrapped).
     parts = build_components(cfg, d.device)
     unet = parts.unet
+    if not cfg.lora:  # record the training resolution: the pipeline's default size for this model
+        unet.config = dataclasses.replace(unet.config, sample_size=cfg.resolution // 8)
     n_micro = micro_values(unet, parts.text_encoder_2.config.projection_dim or parts.text_encoder_2.config.width)
     if cfg.lora:
         lora_lib.add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
@@ -474,14 +511,19 @@ def train(cfg: TrainConfig, *, loader: Loader | None = None, progress: bool = Tr
 
     batches = Batches(*(loader or default_loader)(cfg, d.rank, d.world), num_workers=cfg.num_workers)
     text_cache = TextCache(out / "cache" / "text.safetensors") if cfg.cache_text else None
+    latent_cache = LatentCache(out / "cache" / f"latents_rank{d.rank}.safetensors") if cfg.cache_latents else None
 
     step = 0
     if cfg.resume:
         folder = _latest(out) if cfg.resume == "latest" else Path(cfg.resume)
         meta = load_checkpoint(folder, params, opt, scaler, ema, gen, d)
         step, batches.epoch, batches.index = meta["step"], meta["epoch"], meta["index"]
-    elif d.main and (out / "loss.csv").exists():
-        (out / "loss.csv").unlink()  # a fresh run starts a fresh curve
+    else:  # a fresh run starts a fresh curve, and caches made by another model must not leak in
+        for cache in (text_cache, latent_cache):
+            if cache is not None:
+                cache.items = {}
+        if d.main and (out / "loss.csv").exists():
+            (out / "loss.csv").unlink()
 
     losses: list[float] = []
     checkpoint: Path | None = None
@@ -506,7 +548,9 @@ def train(cfg: TrainConfig, *, loader: Loader | None = None, progress: bool = Tr
             sync = contextlib.nullcontext() if last or d.world == 1 else model.no_sync()
             with sync:
                 text = text_cache.get(trainee, list(batch["captions"]), d.device) if text_cache else None
-                loss = diffusion_loss(model, parts.vae, batch, cfg, alphas, gen, n_micro, autocast, text) / cfg.grad_accum
+                moments = latent_cache.get(parts.vae, batch["images"], batch["views"], d.device) if latent_cache else None
+                loss = diffusion_loss(model, parts.vae, batch, cfg, alphas, gen, n_micro, autocast, text,
+                                      moments) / cfg.grad_accum
                 (scaler.scale(loss) if scaler else loss).backward()
             total += loss.detach()
         if scaler:
@@ -550,6 +594,8 @@ def train(cfg: TrainConfig, *, loader: Loader | None = None, progress: bool = Tr
                             {"step": step, "epoch": batches.epoch, "index": batches.index}, d)
             if text_cache is not None and d.main:
                 text_cache.save()
+            if latent_cache is not None:  # each process caches the views it sees
+                latent_cache.save()
             if d.main:
                 _plot_csv(out)
 
@@ -586,13 +632,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--resume", help="override the config's resume: a checkpoint folder or 'latest'")
     parser.add_argument("--steps", type=int, help="override the config's total steps")
     parser.add_argument("--output-dir", help="override the config's output_dir")
+    parser.add_argument("--lr", type=float, help="override the config's lr (e.g. a lower one when resuming, to anneal)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = {k: v for k, v in (("resume", args.resume), ("steps", args.steps), ("output_dir", args.output_dir))
-                 if v is not None}
+    overrides = {k: v for k, v in (("resume", args.resume), ("steps", args.steps), ("output_dir", args.output_dir),
+                                   ("lr", args.lr)) if v is not None}
     try:
         cfg = load_config(args.config, **overrides)
         result = train(cfg)

@@ -164,13 +164,19 @@ def init_checkpoint(vae: AutoencoderKL, path: str | Path, init: str = "tiny", se
 # Training.
 
 
-def vae_loss(vae: AutoencoderKL, x: Tensor, gen: torch.Generator, kl_weight: float) -> tuple[Tensor, Tensor, Tensor]:
+def vae_loss(vae: AutoencoderKL, x: Tensor, gen: torch.Generator, kl_weight: float,
+             edge_weight: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     mean, logvar = vae.encode_moments(x)
     z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
     rec = vae.decode(z)
     l1 = (rec - x).abs().mean()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-    return l1 + kl_weight * kl, l1, kl
+    loss = l1 + kl_weight * kl
+    if edge_weight:  # L1 between neighbour differences: pixel L1 alone rounds off corners and tips
+        dx = lambda a: a[..., :, 1:] - a[..., :, :-1]  # noqa: E731
+        dy = lambda a: a[..., 1:, :] - a[..., :-1, :]  # noqa: E731
+        loss = loss + edge_weight * ((dx(rec) - dx(x)).abs().mean() + (dy(rec) - dy(x)).abs().mean())
+    return loss, l1, kl
 
 
 @torch.no_grad()
@@ -190,7 +196,7 @@ def train_vae(out_dir: str | Path, data: str | Path, *, steps: int = 3000, batch
               kl_weight: float = 1e-4, warmup: int = 100, seed: int = 0, config: VAEConfig | None = None,
               crop: int | None = 32, log_every: int = 50, limit: int | None = None, progress: bool = True,
               init_checkpoints: bool = True, init_from: str | Path | None = None,
-              decoder_only: bool = False) -> tuple[AutoencoderKL, list[float]]:
+              decoder_only: bool = False, edge_weight: float = 0.0) -> tuple[AutoencoderKL, list[float]]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -213,7 +219,7 @@ def train_vae(out_dir: str | Path, data: str | Path, *, steps: int = 3000, batch
         f = max(f, 0.05 * min(1.0, step / max(1, warmup)))
         for g in opt.param_groups:
             g["lr"] = lr * f
-        loss, l1, kl = vae_loss(vae, batches.next(), gen, kl_weight)
+        loss, l1, kl = vae_loss(vae, batches.next(), gen, kl_weight, edge_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -278,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-4)
+    p.add_argument("--edge-weight", type=float, default=0.0,
+                   help="weight of an L1 loss on neighbour differences (sharper corners; e.g. 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--crop", type=int, default=32, help="train on random crop x crop windows (0: whole images)")
     p.add_argument("--preset", choices=("builtin", "tiny"), default="builtin", help="VAE size (default builtin)")
@@ -289,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     vae, _ = train_vae(args.out_dir, args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        kl_weight=args.kl_weight, seed=args.seed, crop=args.crop or None,
                        config=BUILTIN if args.preset == "builtin" else vae_models.tiny, init_from=args.init_from,
-                       decoder_only=args.decoder_only, init_checkpoints=not args.decoder_only)
+                       decoder_only=args.decoder_only, edge_weight=args.edge_weight, init_checkpoints=not args.decoder_only)
     if args.eval_data:
         result = evaluate(vae, args.eval_data)
         print(json.dumps(result))

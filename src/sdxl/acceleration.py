@@ -1,0 +1,221 @@
+"""Speed and memory modes for generation: a compiled U-Net, and weights offloaded to CPU memory.
+
+    compile_unet(unet)                          # torch.compile of the U-Net's forward, in place
+    Offload("model", "cuda", [te1, te2, unet, vae])       # one component on the GPU at a time
+    Offload("sequential", "cuda", [te1, te2, unet, vae])  # one layer's weights on the GPU at a time
+
+`sdxl.load(..., compile=True, offload="model")` and `sdxl generate --compile --offload model` set
+these up; the pipeline finds where a component computes with `execution_device`.
+
+Offloading never copies weights back: inference does not change them, so a module's CPU tensors
+stay where they are and "moving to the device" points its parameters at device copies, which
+"moving back" simply drops. On CUDA the CPU copies are pinned once, so the copies to the device
+are asynchronous DMA transfers that overlap with the Python that follows them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["OFFLOAD_MODES", "Offload", "check_modes", "compile_mode", "compile_unet", "execution_device", "is_compiled"]
+
+OFFLOAD_MODES = ("model", "sequential")
+
+
+def check_modes(compile: bool | str, offload: str | None) -> None:
+    """ValueError for an unknown offload mode, or for a combination that cannot work."""
+    if offload is not None and offload not in OFFLOAD_MODES:
+        raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)} or None, got {offload!r}")
+    if offload == "sequential" and compile:
+        raise ValueError("compile and sequential offload do not combine (its hooks move weights in the middle of "
+                         "the U-Net's forward); use model offload with compile")
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def compile_mode(device: torch.device) -> str:
+    """The torch.compile mode `compile_unet` uses by default on `device`.
+
+    CUDA: "max-autotune-no-cudagraphs", rather than "reduce-overhead" (CUDA graphs). Graphs save
+    kernel launch overhead, but at SDXL's sizes the GPU is busy far longer than the launches take,
+    and they cost elsewhere: they bake in every weight's address (offloaded weights get new ones on
+    every copy in: a re-capture per image), their private memory pool works against the peak-memory
+    goal, and each replay overwrites the last one's outputs. Autotuned convolution and matmul
+    kernels speed up the steps themselves; the tuning results are cached on disk, like the compiled
+    graphs, so the long first compilation is paid once per machine, not per process. Any other mode
+    can be asked for (`compile_unet(unet, mode=...)`, `Pipeline(compile="reduce-overhead")`).
+    CPU: inductor's default mode (no CUDA graphs there; max-autotune only lengthens the compile).
+    """
+    return "max-autotune-no-cudagraphs" if device.type == "cuda" else "default"
+
+
+def compile_unet(unet: nn.Module, *, mode: str | None = None) -> nn.Module:
+    """Replace `unet.forward` by its torch.compile'd version (the same module object is returned).
+
+    fullgraph=True: the U-Net has no data-dependent control flow, so any graph break is a bug to fix,
+    not a slowdown to live with. dynamic=False: each input shape (image size, batch, with or without
+    guidance) gets its own specialised graph, compiled on first use and reused for every later
+    image of that shape; timesteps are tensors, so a new step never recompiles. Only `forward` is
+    compiled, so forward hooks (model offload) run eagerly around the graph.
+    """
+    if isinstance(unet.__dict__.get("forward"), Compiled):
+        return unet  # already compiled: compiling again would start over
+    mode = mode or compile_mode(execution_device(unet))
+    unet.forward = Compiled(torch.compile(unet.forward, fullgraph=True, dynamic=False, mode=mode), mode)
+    return unet
+
+
+class Compiled:
+    """A compiled forward, marked so that `compile_unet` and `is_compiled` can tell it apart."""
+
+    def __init__(self, fn, mode: str):
+        self.fn = fn
+        self.graphs = mode in ("reduce-overhead", "max-autotune")  # the modes that use CUDA graphs
+
+    def __call__(self, *args, **kwargs):
+        if not self.graphs:
+            return self.fn(*args, **kwargs)
+        torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: the last one's buffers may be reused
+        return self.fn(*args, **kwargs).clone()  # a replay overwrites its outputs; the samplers keep predictions
+
+
+def is_compiled(unet: nn.Module) -> bool:
+    return isinstance(unet.__dict__.get("forward"), Compiled)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offloading
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where `module` computes: its offload's device, else where its weights are."""
+    offload = module.__dict__.get("_offload")
+    if offload is not None:
+        return offload.device
+    return next(itertools.chain(module.parameters(), module.buffers())).device
+
+
+def _own_tensors(module: nn.Module, recurse: bool) -> Iterable[Tensor]:
+    return itertools.chain(module.parameters(recurse=recurse), module.buffers(recurse=recurse))
+
+
+# What `_copy_in` replaced: (the module's _parameters or _buffers dict, name, the CPU tensor).
+Stored = list[tuple[dict, str, Tensor]]
+
+
+def _copy_in(module: nn.Module, device: torch.device, *, recurse: bool) -> Stored:
+    """Give the module (and its children if `recurse`) copies of its tensors on `device`.
+
+    The copies take the CPU tensors' places in the modules, as new Parameter objects: the CPU
+    tensors themselves are left as they are, so `_restore` only has to put them back.
+    """
+    stored = []
+    for m in module.modules() if recurse else [module]:
+        for slots in (m._parameters, m._buffers):
+            for name, t in slots.items():
+                if t is None or t.device == device:
+                    continue
+                copy = t.detach().to(device, non_blocking=True)  # asynchronous from pinned memory
+                slots[name] = nn.Parameter(copy, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else copy
+                stored.append((slots, name, t))
+    return stored
+
+
+def _restore(stored: Stored) -> None:
+    for slots, name, t in stored:
+        slots[name] = t  # the device copy is freed (after the queued work that reads it)
+
+
+def _entry_points(component: nn.Module) -> list[nn.Module]:
+    """The modules a call to `component` enters through: itself, or, when it has no forward of its
+    own (the VAE is called through encode / decode), its direct children."""
+    if type(component).forward is not nn.Module.forward:
+        return [component]
+    return list(component.children())
+
+
+class Offload:
+    """Keeps the components' weights in CPU memory and runs them on `device`.
+
+    mode "model": a component (text encoder, U-Net, VAE) is copied to the device when it is called
+    and stays there until another component is called or `unload()`: one component on the device at
+    a time, each copied in once per image. mode "sequential": every module's own weights are copied
+    in just before its forward and dropped right after it (forward pre/post hooks), so the device
+    holds about one layer's weights, at the price of copying all weights on every call.
+    With `device` equal to the storage device nothing is copied; the hooks are still in place.
+    """
+
+    def __init__(self, mode: str, device: torch.device | str, components: Iterable[nn.Module]):
+        if mode not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" is the current GPU; tensors say "cuda:0"
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.mode, self.device = mode, device
+        self.components = list({id(m): m for m in components}.values())  # base and refiner may share a VAE
+        self.resident: nn.Module | None = None  # model mode: the component now on the device
+        self._stored: Stored = []  # model mode: the resident component's CPU tensors
+        self._layers: dict[int, Stored] = {}  # sequential: those of each module now running
+        self._handles = []
+        pin = self.device.type == "cuda"
+        for component in self.components:
+            if component.__dict__.get("_offload") is not None:
+                raise ValueError(f"{type(component).__name__} is already offloaded")
+            if mode == "sequential" and is_compiled(component):
+                raise ValueError("sequential offload cannot run inside a compiled U-Net (its hooks move weights "
+                                 "during the forward); use model offload with compile")
+            with torch.no_grad():
+                for t in _own_tensors(component, recurse=True):
+                    data = t.data.cpu()
+                    t.data = _pinned(data) if pin else data
+            component._offload = self
+            if mode == "model":
+                for module in _entry_points(component):
+                    self._handles.append(module.register_forward_pre_hook(lambda m, args, c=component: self.load(c)))
+            else:
+                for module in component.modules():
+                    if next(_own_tensors(module, recurse=False), None) is not None:
+                        self._handles.append(module.register_forward_pre_hook(self._layer_in))
+                        self._handles.append(module.register_forward_hook(self._layer_out, always_call=True))
+
+    def load(self, component: nn.Module) -> None:
+        """Model mode: make `component` the one on the device."""
+        if self.resident is component:
+            return
+        self.unload()
+        self._stored = _copy_in(component, self.device, recurse=True)
+        self.resident = component
+
+    def unload(self) -> None:
+        """Drop whatever is on the device (the weights' CPU tensors are untouched)."""
+        _restore(self._stored)
+        self._stored, self.resident = [], None
+
+    def _layer_in(self, module: nn.Module, args) -> None:
+        self._layers[id(module)] = _copy_in(module, self.device, recurse=False)
+
+    def _layer_out(self, module: nn.Module, args, output) -> None:
+        _restore(self._layers.pop(id(module), []))
+
+    def remove(self) -> None:
+        """Take the hooks off; every weight is left in CPU memory."""
+        self.unload()
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for component in self.components:
+            component.__dict__.pop("_offload", None)
+
+
+def _pinned(t: Tensor) -> Tensor:
+    """A page-locked copy (asynchronous copies to the GPU), or `t` where the OS refuses to lock more memory."""
+    try:
+        return t.pin_memory()
+    except RuntimeError:
+        return t
