@@ -387,6 +387,21 @@ def test_small_upscaled_is_blurrier_and_crops_are_cut():
     assert sum(t > 0 for t, _ in crops) >= 20 and sum(l > 0 for _, l in crops) >= 20  # real windows, not (0, 0)
 
 
+def test_small_factor_sets_how_small_and_how_blurry():
+    def small(factor):
+        rng = random.Random(3)
+        pairs = [S.make_example(rng, 64, 64, "small", factor) for _ in range(12)]
+        return [rec["original_size"][0] for _, rec in pairs], statistics.mean(S.measure(im)["sharpness"] for im, _ in pairs)
+
+    (mild_sizes, mild), (strong_sizes, strong) = small((2.0, 4.0)), small((6.0, 10.0))
+    assert all(16 <= h <= 32 for h in mild_sizes) and all(6 <= h <= 11 for h in strong_sizes)
+    assert strong < 0.7 * mild
+    with pytest.raises(ValueError, match="small_factor"):
+        S.write_dataset("unused", 1, small_factor=(4.0, 2.0))
+    with pytest.raises(SystemExit):
+        S.main(["unused", "--small-factor", "3"])
+
+
 def test_write_dataset_is_honoured_by_the_dataset(tmp_path):
     S.write_dataset(tmp_path, 16, resolution=64, seed=0, small_fraction=0.3, crop_fraction=0.3)
     assert len(list(tmp_path.glob("*.png"))) == len(list(tmp_path.glob("*.txt"))) == 16

@@ -60,3 +60,9 @@ def test_train_save_reload(tmp_path):
     assert vae2.config == vae.config
     assert all(torch.equal(a, b) for a, b in zip(vae2.encoder.state_dict().values(), vae.encoder.state_dict().values()))
     assert not all(torch.equal(a, b) for a, b in zip(vae2.decoder.state_dict().values(), vae.decoder.state_dict().values()))
+
+    # keep_scaling: the whole VAE trains on, and its scaling factor stays (a U-Net fine-tunes onto the new latents).
+    vae3, _ = tv.train_vae(tmp_path / "out3", data, steps=3, batch_size=4, seed=2, crop=32, progress=False,
+                           init_from=tmp_path / "out" / "vae.safetensors", keep_scaling=True, init_checkpoints=False)
+    assert vae3.config == vae.config
+    assert not all(torch.equal(a, b) for a, b in zip(vae3.encoder.state_dict().values(), vae.encoder.state_dict().values()))

@@ -212,7 +212,7 @@ def _random_triple(rng: random.Random) -> tuple[str, str, str]:
 
 
 def make_example(
-    rng: random.Random, width: int, height: int, kind: str = "native"
+    rng: random.Random, width: int, height: int, kind: str = "native", small_factor: tuple[float, float] = (2.0, 4.0)
 ) -> tuple[Image.Image, dict]:
     """One image of size (width, height) and its record: kind 'native', 'small' (upscaled) or 'crop' (SDXL sec. 2.2).
 
@@ -220,8 +220,8 @@ def make_example(
     """
     shape, colour, background = _random_triple(rng)
     if kind == "small":
-        # Rendered at 1/2 .. 1/4 of the size and upscaled: blurry, and original_size says how small it was.
-        f = rng.uniform(2.0, 4.0)
+        # Rendered at 1/2 .. 1/4 (small_factor) of the size and upscaled: blurry, and original_size says how small.
+        f = rng.uniform(*small_factor)
         sw, sh = max(4, round(width / f)), max(4, round(height / f))
         image = render(shape, colour, background, sw, sh, rng=rng).resize(
             (width, height), resample=Image.Resampling.BICUBIC
@@ -268,6 +268,7 @@ def write_dataset(
     seed: int = 0,
     small_fraction: float = 0.2,
     crop_fraction: float = 0.2,
+    small_factor: tuple[float, float] = (2.0, 4.0),
 ) -> None:
     """Write n shape images (PNG, at the scaled bucket shapes), sidecar .txt captions and metadata.jsonl.
 
@@ -280,6 +281,8 @@ def write_dataset(
         raise ValueError(
             f"need small_fraction, crop_fraction >= 0 with sum <= 1, got {small_fraction}, {crop_fraction}"
         )
+    if not 1.0 <= small_factor[0] <= small_factor[1]:
+        raise ValueError(f"small_factor must be (lo, hi) with 1 <= lo <= hi, got {small_factor}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -290,7 +293,7 @@ def write_dataset(
             width, height = rng.choice(shapes_list)
             u = rng.random()
             kind = "small" if u < small_fraction else "crop" if u < small_fraction + crop_fraction else "native"
-            image, record = make_example(rng, width, height, kind)
+            image, record = make_example(rng, width, height, kind, small_factor)
             name = f"{i:0{digits}d}.png"
             image.save(folder / name)
             (folder / name).with_suffix(".txt").write_text(record["text"] + "\n", encoding="utf-8")
@@ -306,7 +309,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--small-fraction", type=float, default=0.2, help="fraction rendered small and upscaled")
     p.add_argument("--crop-fraction", type=float, default=0.2, help="fraction cropped from a larger canvas")
+    p.add_argument("--small-factor", default="2,4", metavar="LO,HI",
+                   help="small images are rendered at 1/f of their size, f uniform in [LO, HI] (default 2,4)")
     args = p.parse_args(argv)
+    try:
+        lo, hi = (float(v) for v in args.small_factor.split(","))
+    except ValueError:
+        p.error(f"--small-factor must be two numbers LO,HI, got {args.small_factor!r}")
     write_dataset(
         args.out_dir,
         args.n,
@@ -314,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         small_fraction=args.small_fraction,
         crop_fraction=args.crop_fraction,
+        small_factor=(lo, hi),
     )
     print(f"wrote {args.n} images to {args.out_dir}")
 

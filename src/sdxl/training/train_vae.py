@@ -196,7 +196,8 @@ def train_vae(out_dir: str | Path, data: str | Path, *, steps: int = 3000, batch
               kl_weight: float = 1e-4, warmup: int = 100, seed: int = 0, config: VAEConfig | None = None,
               crop: int | None = 32, log_every: int = 50, limit: int | None = None, progress: bool = True,
               init_checkpoints: bool = True, init_from: str | Path | None = None,
-              decoder_only: bool = False, edge_weight: float = 0.0) -> tuple[AutoencoderKL, list[float]]:
+              decoder_only: bool = False, edge_weight: float = 0.0,
+              keep_scaling: bool = False) -> tuple[AutoencoderKL, list[float]]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -233,7 +234,7 @@ def train_vae(out_dir: str | Path, data: str | Path, *, steps: int = 3000, batch
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
     vae.eval()
     rms = latent_rms(vae, groups)
-    if not decoder_only:  # (decoder_only: same encoder, keep its scaling factor)
+    if not (decoder_only or keep_scaling):  # (decoder_only: same encoder, keep its scaling factor)
         vae.config = replace(vae.config, scaling_factor=round(1.0 / rms, 5))
     with (out / "loss.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
@@ -292,12 +293,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-from", help="start from this vae.safetensors (a second stage) instead of random weights")
     p.add_argument("--decoder-only", action="store_true",
                    help="with --init-from: fine-tune only the decoder (latents unchanged, scaling_factor kept)")
+    p.add_argument("--keep-scaling", action="store_true",
+                   help="with --init-from: keep its scaling_factor (a U-Net trained on its latents fine-tunes onto "
+                        "the new ones)")
     p.add_argument("--eval-data", help="a held-out image folder: report how often measure() agrees after reconstruction")
     args = p.parse_args(argv)
     vae, _ = train_vae(args.out_dir, args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        kl_weight=args.kl_weight, seed=args.seed, crop=args.crop or None,
                        config=BUILTIN if args.preset == "builtin" else vae_models.tiny, init_from=args.init_from,
-                       decoder_only=args.decoder_only, edge_weight=args.edge_weight, init_checkpoints=not args.decoder_only)
+                       decoder_only=args.decoder_only, edge_weight=args.edge_weight, keep_scaling=args.keep_scaling,
+                       init_checkpoints=not (args.decoder_only or args.keep_scaling))
     if args.eval_data:
         result = evaluate(vae, args.eval_data)
         print(json.dumps(result))
