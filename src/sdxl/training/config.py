@@ -18,6 +18,7 @@ OBJECTIVES = ("epsilon", "v_prediction")
 PRECISIONS = ("no", "bf16", "fp16")
 INITS = ("tiny", "tiny_refiner")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
+PARALLEL = ("ddp", "fsdp")
 # Linear layers of the U-Net's transformers that LoRA may wrap (suffixes of module names).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 
@@ -79,6 +80,10 @@ class TrainConfig:
     # encode each (image, crop, flip) once: the VAE posterior's mean and std are kept in memory (float16) and saved
     # to output_dir/cache/latents.safetensors; every step still draws a fresh posterior sample from them
     cache_latents: bool = False
+    # Several processes (torchrun): "ddp" keeps a whole copy of the weights and optimizer state in each process and
+    # averages gradients; "fsdp" (PyTorch FSDP2, full fine-tunes) splits weights, gradients and optimizer state
+    # across the processes and gathers each U-Net block / CLIP layer only while it runs: for models that do not fit.
+    parallel: str = "ddp"
 
     # -- outputs
     output_dir: str = "runs/train"  # checkpoints/, loss.csv, loss.png, config.toml
@@ -165,6 +170,9 @@ def _validate(c: TrainConfig) -> None:
     choose("objective", OBJECTIVES)
     choose("mixed_precision", PRECISIONS)
     choose("save_dtype", SAVE_DTYPES)
+    choose("parallel", PARALLEL)
+    if c.parallel == "fsdp" and c.lora:
+        raise ValueError("parallel = \"fsdp\" is for full fine-tunes; LoRA's adapters are small: use \"ddp\"")
     for name in ("resolution", "batch_size", "grad_accum", "steps", "log_every"):
         at_least(name, 1)
     for name in ("num_workers", "warmup", "save_every", "lora_rank", "seed", "offset_noise", "weight_decay",

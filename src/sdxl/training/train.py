@@ -1,5 +1,5 @@
 """Fine-tune SDXL (or train a tiny one from scratch): `sdxl train CONFIG.toml`, or `torchrun ... -m
-sdxl.training.train CONFIG.toml` on several GPUs (DDP; gloo on CPU).
+sdxl.training.train CONFIG.toml` on several GPUs (DDP, or FSDP with `parallel = "fsdp"`; gloo on CPU).
 
 One optimizer step:
     for each of grad_accum micro-batches:
@@ -138,6 +138,48 @@ def enable_gradient_checkpointing(unet: UNet) -> None:
             block.forward = lambda *args, f=forward: (
                 checkpoint(f, *args, use_reentrant=False) if torch.is_grad_enabled() else f(*args)
             )
+
+
+def shard_fsdp(trainee: nn.Module, d: Dist) -> None:
+    """PyTorch FSDP2: each U-Net block, CLIP layer and text encoder becomes a unit whose weights, gradients and
+    optimizer state are split across the processes; a unit's weights are gathered only while it runs."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    unet = trainee.unet
+    units = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+    for encoder in (trainee.text_encoder, trainee.text_encoder_2):
+        if encoder is not None:  # a unit of its own too: cached text encodes outside the trainee's forward
+            units += [*encoder.transformer.resblocks, encoder]
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(trainee, mesh=mesh)
+
+
+def _local(t: Tensor) -> Tensor:
+    """This process's shard of an FSDP (DTensor) tensor; plain tensors as they are."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def gathered_components(parts: Components, trainee: nn.Module) -> Components | None:
+    """FSDP: the whole trained weights, gathered from every process into plain CPU models on rank 0 (None on the
+    others; every process must call this). The models are built on the meta device and take the gathered tensors."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(trainee, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not full:
+        return None
+    plain = {}
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(parts, name)
+        if model is not None:
+            with torch.device("meta"):
+                model = type(model)(model.config)
+            model.load_state_dict({k[len(name) + 1:]: v for k, v in full.items() if k.startswith(name + ".")},
+                                  assign=True)
+        plain[name] = model
+    return dataclasses.replace(parts, **plain)
 
 
 class Trainee(nn.Module):
@@ -346,41 +388,52 @@ def _swapped(params: dict[str, nn.Parameter], values: dict[str, Tensor] | None):
                 p.copy_(saved[k])
 
 
-def save_checkpoint(folder: Path, cfg: TrainConfig, parts: Components, params: dict[str, nn.Parameter],
-                    opt: torch.optim.Optimizer, scaler, ema: dict[str, Tensor] | None, gen: torch.Generator,
-                    state: dict, d: Dist) -> None:
+def save_checkpoint(folder: Path, cfg: TrainConfig, parts: Components, trainee: nn.Module,
+                    params: dict[str, nn.Parameter], opt: torch.optim.Optimizer, scaler, ema: dict[str, Tensor] | None,
+                    gen: torch.Generator, state: dict, d: Dist) -> None:
+    """Model / LoRA files (rank 0) and the exact training state: state.safetensors, or under FSDP one
+    state_rankR.safetensors per process holding its shards."""
     from safetensors.torch import save_file
 
+    sharded = _fsdp(cfg, d)
     folder.mkdir(parents=True, exist_ok=True)
     # Every process keeps its own random streams.
     save_file({"generator": gen.get_state().cpu(), "torch": torch.get_rng_state()}, str(folder / f"rng_rank{d.rank}.safetensors"))
-    if d.main:
-        dtype = DTYPES[cfg.save_dtype]
-        for suffix, values in [("", None)] + ([("_ema", ema)] if ema is not None else []):
-            with _swapped(params, values):
-                if cfg.lora:
-                    lora_lib.save_lora_kohya(parts.unet, folder / f"lora_kohya{suffix}.safetensors", dtype)
-                    lora_lib.save_lora_peft(parts.unet, folder / f"lora_peft{suffix}.safetensors", dtype)
-                else:
-                    save_single_file(parts, folder / f"model{suffix}.safetensors", dtype=dtype)
+    dtype = DTYPES[cfg.save_dtype]
+    for suffix, values in [("", None)] + ([("_ema", ema)] if ema is not None else []):
+        with _swapped(params, values):
+            if cfg.lora and d.main:
+                lora_lib.save_lora_kohya(parts.unet, folder / f"lora_kohya{suffix}.safetensors", dtype)
+                lora_lib.save_lora_peft(parts.unet, folder / f"lora_peft{suffix}.safetensors", dtype)
+            elif not cfg.lora:
+                whole = gathered_components(parts, trainee) if sharded else parts
+                if d.main:
+                    save_single_file(whole, folder / f"model{suffix}.safetensors", dtype=dtype)
+    if d.main or sharded:
         tensors = {f"param.{k}": p.detach() for k, p in params.items()}
         if ema is not None:
             tensors.update({f"ema.{k}": v for k, v in ema.items()})
         opt_state = opt.state_dict()
         for i, s in opt_state["state"].items():
             tensors.update({f"opt.{i}.{k}": v for k, v in s.items()})
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(folder / "state.safetensors"))
+        name = f"state_rank{d.rank}.safetensors" if sharded else "state.safetensors"
+        save_file({k: _local(v).contiguous().cpu() for k, v in tensors.items()}, str(folder / name))
+    if d.main:
         meta = {**state, "params": list(params), "param_groups": opt_state["param_groups"],
                 "scaler": scaler.state_dict() if scaler is not None else None, "config": cfg.to_toml(),
-                "world_size": d.world}
+                "world_size": d.world, "parallel": "fsdp" if sharded else "ddp"}
         (folder / "state.json").write_text(json.dumps(meta, indent=1))
     _barrier(d)
     if d.main:
         (folder.parent.parent / "latest.txt").write_text(folder.name + "\n")  # written last: a complete checkpoint
 
 
-def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer, scaler,
-                    ema: dict[str, Tensor] | None, gen: torch.Generator, d: Dist) -> dict:
+def _fsdp(cfg: TrainConfig, d: Dist) -> bool:
+    return cfg.parallel == "fsdp" and d.world > 1
+
+
+def load_checkpoint(folder: Path, cfg: TrainConfig, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
+                    scaler, ema: dict[str, Tensor] | None, gen: torch.Generator, d: Dist) -> dict:
     from safetensors.torch import load_file
 
     meta = json.loads((folder / "state.json").read_text())
@@ -389,19 +442,28 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], opt: torch.op
                          "(different lora / train_text_encoders settings?)")
     if meta.get("world_size", 1) != d.world:
         raise ValueError(f"{folder}: saved with {meta['world_size']} processes; resume with the same number")
-    tensors = load_file(str(folder / "state.safetensors"))
+    sharded = _fsdp(cfg, d)
+    if meta.get("parallel", "ddp") != ("fsdp" if sharded else "ddp"):
+        raise ValueError(f"{folder}: saved with parallel = {meta.get('parallel', 'ddp')!r}; resume with the same")
+    tensors = load_file(str(folder / (f"state_rank{d.rank}.safetensors" if sharded else "state.safetensors")))
     with torch.no_grad():
         for k, p in params.items():
-            p.copy_(tensors[f"param.{k}"])
+            _local(p).copy_(tensors[f"param.{k}"])
     if ema is not None:
         if not any(k.startswith("ema.") for k in tensors):
             raise ValueError(f"{folder}: has no EMA weights, but this config sets ema_decay")
         for k in ema:
-            ema[k].copy_(tensors[f"ema.{k}"])
+            _local(ema[k]).copy_(tensors[f"ema.{k}"])
     state: dict[int, dict] = {}
+    by_index = list(params.values())
     for k, v in tensors.items():
         if k.startswith("opt."):
             _, i, name = k.split(".", 2)
+            p = by_index[int(i)]
+            if hasattr(p, "to_local") and v.dim() > 0:  # a shard of a sharded moment: back into a DTensor
+                from torch.distributed.tensor import DTensor
+
+                v = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
             state.setdefault(int(i), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     if scaler is not None and meta["scaler"]:
@@ -490,14 +552,16 @@ def train(cfg: TrainConfig, *, loader: Loader | None = None, progress: bool = Tr
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(unet)
     trainee = Trainee(parts, cfg.train_text_encoders)
-    params = {k: p for k, p in trainee.named_parameters() if p.requires_grad}
     model: nn.Module = trainee
-    if d.world > 1:
+    if _fsdp(cfg, d):
+        shard_fsdp(trainee, d)  # (replaces the parameters by sharded ones: `params` comes after)
+    elif d.world > 1:
         model = nn.parallel.DistributedDataParallel(
             trainee, device_ids=[d.device.index] if d.device.type == "cuda" else None,
             find_unused_parameters=cfg.train_text_encoders,  # CLIP-L's last block feeds nothing SDXL uses
         )
 
+    params = {k: p for k, p in trainee.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(d.device.type) if cfg.mixed_precision == "fp16" else None
@@ -516,7 +580,7 @@ def train(cfg: TrainConfig, *, loader: Loader | None = None, progress: bool = Tr
     step = 0
     if cfg.resume:
         folder = _latest(out) if cfg.resume == "latest" else Path(cfg.resume)
-        meta = load_checkpoint(folder, params, opt, scaler, ema, gen, d)
+        meta = load_checkpoint(folder, cfg, params, opt, scaler, ema, gen, d)
         step, batches.epoch, batches.index = meta["step"], meta["epoch"], meta["index"]
     else:  # a fresh run starts a fresh curve, and caches made by another model must not leak in
         for cache in (text_cache, latent_cache):
@@ -544,8 +608,10 @@ def train(cfg: TrainConfig, *, loader: Loader | None = None, progress: bool = Tr
         for micro in range(cfg.grad_accum):
             batch = next(batches)
             last = micro == cfg.grad_accum - 1
-            # Only the last micro-batch all-reduces gradients.
-            sync = contextlib.nullcontext() if last or d.world == 1 else model.no_sync()
+            # Only the last micro-batch all-reduces (FSDP: reduce-scatters) gradients.
+            if _fsdp(cfg, d):
+                model.set_requires_gradient_sync(last)
+            sync = contextlib.nullcontext() if last or d.world == 1 or _fsdp(cfg, d) else model.no_sync()
             with sync:
                 text = text_cache.get(trainee, list(batch["captions"]), d.device) if text_cache else None
                 moments = latent_cache.get(parts.vae, batch["images"], batch["views"], d.device) if latent_cache else None
@@ -590,7 +656,7 @@ def train(cfg: TrainConfig, *, loader: Loader | None = None, progress: bool = Tr
 
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
             checkpoint = out / "checkpoints" / f"step_{step:07d}"
-            save_checkpoint(checkpoint, cfg, parts, params, opt, scaler, ema, gen,
+            save_checkpoint(checkpoint, cfg, parts, trainee, params, opt, scaler, ema, gen,
                             {"step": step, "epoch": batches.epoch, "index": batches.index}, d)
             if text_cache is not None and d.main:
                 text_cache.save()
