@@ -280,6 +280,14 @@ def test_config_errors_are_clear(tmp_path):
     assert str(tmp_path / "c.toml") in err(ok + "lr = -1.0\n")
     with pytest.raises(ValueError, match="unknown key"):
         config_from_dict({"init": "tiny", "data": "d", "foo": 1})
+    # YAML reads the same fields.
+    yaml_cfg = load_config(_text(tmp_path / "c.yaml", "init: tiny\ndata: d\nlr: 2.0e-4\nlora_targets: [to_q, to_k]\n"))
+    toml_cfg = load_config(_text(tmp_path / "c2.toml", ok + 'lr = 2e-4\nlora_targets = ["to_q", "to_k"]\n'))
+    assert yaml_cfg == toml_cfg
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(_text(tmp_path / "bad.yml", "init: [tiny\n"))
+    with pytest.raises(ValueError, match="unknown key"):
+        load_config(_text(tmp_path / "typo.yml", "init: tiny\ndata: d\nlerning_rate: 1\n"))
     for example in sorted((ROOT / "configs").glob("*.toml")):
         load_config(example)  # the shipped examples parse
 

@@ -83,7 +83,7 @@ class CausalSelfAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * w, w))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * w))
         self.out_proj = nn.Linear(w, w)
-        nn.init.normal_(self.in_proj_weight, std=w**-0.5)
+        init_normal(self.in_proj_weight, std=w**-0.5)
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, w = x.shape
@@ -125,11 +125,20 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList(ResidualBlock(config) for _ in range(config.layers))
 
 
+def init_normal(t: Tensor, std: float = 1.0) -> None:
+    """Random init for freshly built (toy) models. Skipped on the meta device, where loading builds models: there
+    torch's normal_ would import its compiler stack (1.7 s) to fill nothing."""
+    if not t.is_meta:
+        nn.init.normal_(t, std=std)
+
+
 class CLIPTextEncoder(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.config = config
-        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.token_embedding = nn.Embedding(config.vocab_size, config.width,
+                                            _weight=torch.empty(config.vocab_size, config.width))
+        init_normal(self.token_embedding.weight)  # nn.Embedding's own draw, here: seeded models stay as they were
         self.positional_embedding = nn.Parameter(torch.empty(config.max_positions, config.width))
         self.transformer = Transformer(config)
         self.ln_final = nn.LayerNorm(config.width, eps=config.eps)
@@ -137,10 +146,10 @@ class CLIPTextEncoder(nn.Module):
             nn.Parameter(torch.empty(config.width, config.projection_dim)) if config.projection_dim else None
         )
         # Only matters for freshly built toy models; real weights replace all of this.
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
+        init_normal(self.token_embedding.weight, std=0.02)
+        init_normal(self.positional_embedding, std=0.01)
         if self.text_projection is not None:
-            nn.init.normal_(self.text_projection, std=config.width**-0.5)
+            init_normal(self.text_projection, std=config.width**-0.5)
 
     def block_index(self, hidden_layer: int) -> int:
         """Python-style index over the blocks' outputs -> non-negative block index."""

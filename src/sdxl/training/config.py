@@ -1,4 +1,4 @@
-"""The training configuration: one TOML file, every field a `TrainConfig` attribute.
+"""The training configuration: one TOML (or YAML) file, every field a `TrainConfig` attribute.
 
     cfg = load_config("configs/tiny.toml")   # ValueError naming the file and the field on any mistake
 
@@ -226,12 +226,26 @@ def config_from_dict(values: dict[str, Any], where: str = "config") -> TrainConf
 
 
 def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
-    """Read a TOML training config; `overrides` replace fields (e.g. from the command line)."""
+    """Read a training config, TOML (or YAML: .yaml / .yml, needs PyYAML); `overrides` replace fields (e.g. from
+    the command line)."""
     path = Path(path)
-    try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: not valid TOML ({e})") from None
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or write the config as TOML") from None
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected `key: value` lines, got a YAML {type(values).__name__}")
+    else:
+        try:
+            values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML ({e})") from None
     tables = [k for k, v in values.items() if isinstance(v, dict)]
     if tables:
         raise ValueError(f"{path}: unexpected table(s) [{'], ['.join(tables)}]; the config is flat `key = value` lines")

@@ -694,7 +694,7 @@ def _plot_csv(out: Path) -> None:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="sdxl train", description="Fine-tune SDXL from a TOML config.")
-    parser.add_argument("config", help="the training config (.toml); see configs/ for examples")
+    parser.add_argument("config", help="the training config (.toml, or .yaml with PyYAML); see configs/ for examples")
     parser.add_argument("--resume", help="override the config's resume: a checkpoint folder or 'latest'")
     parser.add_argument("--steps", type=int, help="override the config's total steps")
     parser.add_argument("--output-dir", help="override the config's output_dir")
