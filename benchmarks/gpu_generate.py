@@ -5,6 +5,7 @@
     python benchmarks/gpu_generate.py --compile           # both U-Nets torch.compile'd (same mode, see --compile-mode)
     python benchmarks/gpu_generate.py --offload model     # weights in CPU memory, one model on the GPU at a time
     python benchmarks/gpu_generate.py --offload sequential
+    python benchmarks/gpu_generate.py --fp8 --offload model   # the low-memory target: <= 4 GiB peak at 1024x1024
     python benchmarks/gpu_generate.py --refiner           # base + refiner, 40 steps, switch at 0.8
     python benchmarks/gpu_generate.py --tiny [--compile | --offload MODE | --refiner]   # tiny models: a CPU dry run
 
@@ -43,6 +44,8 @@ def main() -> None:
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode for both (default: sdxl's choice, sdxl.acceleration.compile_mode)")
     parser.add_argument("--offload", choices=("model", "sequential"), help="weights in CPU memory")
+    parser.add_argument("--fp8", action="store_true",
+                        help="sdxl keeps its U-Nets' linear weights in float8 (diffusers runs as it is)")
     parser.add_argument("--refiner", action="store_true", help="base + refiner, switching at --switch")
     parser.add_argument("--switch", type=float, default=0.8)
     args = parser.parse_args()
@@ -166,6 +169,12 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     # sdxl, alone on the GPU.
+    if args.fp8:  # converted in CPU memory, before anything moves to the GPU
+        from sdxl.acceleration import store_fp8
+
+        for parts in (base, second):
+            if parts is not None:
+                store_fp8(parts.unet)
     if args.offload:
         ours = Pipeline(base, second, offload=args.offload, device=device, compile=mode if args.compile else False)
     else:
@@ -183,7 +192,8 @@ def main() -> None:
     what = "base + refiner (switch %.2f)" % args.switch if args.refiner else "base"
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {name}, {dtype}, {size}x{size}, {what}, "
           f"{steps} euler steps, cfg 5, batch 1, {args.runs} timed image(s) after 1 warm-up")
-    print(f"compile: {mode if args.compile else 'no'}; offload: sdxl {args.offload or 'none'}, diffusers {ref_offload}")
+    print(f"compile: {mode if args.compile else 'no'}; offload: sdxl {args.offload or 'none'}, diffusers {ref_offload}; "
+          f"fp8 U-Net linear weights: sdxl {'yes' if args.fp8 else 'no'}, diffusers no")
     for k, r in results.items():
         extra = f"   warm-up image {r['warmup']:6.1f} s, graphs compiled after it {r['recompiled']}" if args.compile else ""
         print(f"{k:<9} {r['seconds']:6.2f} s per image   peak GPU memory {r['peak']:6.2f} GiB (alone)   "

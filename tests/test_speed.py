@@ -223,3 +223,58 @@ def test_cli_offload_gives_the_same_pixels_and_flags_reach_the_loader(tmp_path, 
     assert calls[0]["compile"] is True and calls[0]["offload"] == "model" and calls[0]["device"] == "cpu"
     assert cli.main([*common, "--out", str(tmp_path / "z.png")]) == 2
     assert calls[1]["compile"] is False and calls[1]["offload"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8 weight storage
+
+
+def test_fp8_linear_keeps_the_layer_within_float8_rounding():
+    from sdxl.acceleration import FP8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    with torch.no_grad():
+        linear.weight[3] = 0  # an all-zero row stays exactly zero (its scale is not 0 / 0)
+    fp8 = FP8Linear(linear)
+    assert fp8.weight_fp8.dtype == torch.float8_e4m3fn and fp8.weight_fp8.shape == (48, 64)
+    assert fp8.weight_fp8.element_size() * fp8.weight_fp8.numel() == linear.weight.numel()  # 1 byte a weight
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        want, got = linear(x), fp8(x)
+    assert torch.all(got[:, 3] == linear.bias[3])
+    error = (got - want).norm() / want.norm()
+    assert 1e-4 < error < 0.05, error  # e4m3 keeps 3 mantissa bits: ~2% per weight, less after the sums
+
+
+def test_fp8_pipeline_halves_the_unets_linear_memory_and_keeps_the_image(tmp_path, monkeypatch):
+    from sdxl.acceleration import FP8Linear
+
+    plain = Pipeline(components())
+    fp8 = Pipeline(components(), fp8=True)
+    layers = [m for m in fp8.base.unet.modules() if isinstance(m, FP8Linear)]
+    assert layers and not any(type(m) is torch.nn.Linear for m in fp8.base.unet.modules())
+
+    def unet_bytes(p: Pipeline) -> int:
+        return sum(t.numel() * t.element_size() for t in [*p.base.unet.parameters(), *p.base.unet.buffers()])
+
+    linear = sum(m.weight.numel() for m in plain.base.unet.modules() if type(m) is torch.nn.Linear)
+    assert unet_bytes(plain) - unet_bytes(fp8) >= 0.95 * linear * 3  # float32 -> float8: 3 of 4 bytes saved
+    a = plain.generate(PROMPT, output="np", **SETTINGS)
+    b = fp8.generate(PROMPT, output="np", **SETTINGS)
+    difference = float(np.abs(a - b).mean())
+    assert 0 < difference < 0.02, difference  # mean over pixels in [0, 1]: close, not equal
+
+    # The command line: --fp8 reaches the loader and is stored with the image (it changes the pixels).
+    from PIL import Image
+
+    from sdxl.interfaces import metadata
+
+    path = tmp_path / "tiny.safetensors"
+    save_single_file(components(), path, dtype=torch.float32)
+    common = ["generate", PROMPT, "--model", str(path), "--width", "32", "--height", "24", "--steps", "2"]
+    assert cli.main([*common, "--fp8", "--out", str(tmp_path / "fp8.png")]) == 0
+    assert metadata.read_settings(tmp_path / "fp8.png")["fp8"] is True
+    assert cli.main(["generate", "--from-image", str(tmp_path / "fp8.png"), "--out", str(tmp_path / "again.png")]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "again.png")),
+                                  np.asarray(Image.open(tmp_path / "fp8.png")))

@@ -1,10 +1,11 @@
-"""Speed and memory modes for generation: a compiled U-Net, and weights offloaded to CPU memory.
+"""Speed and memory modes for generation: a compiled U-Net, fp8 weights, and weights offloaded to CPU memory.
 
     compile_unet(unet)                          # torch.compile of the U-Net's forward, in place
+    store_fp8(unet)                             # its linear layers' weights kept in float8: half of float16
     Offload("model", "cuda", [te1, te2, unet, vae])       # one component on the GPU at a time
     Offload("sequential", "cuda", [te1, te2, unet, vae])  # one layer's weights on the GPU at a time
 
-`sdxl.load(..., compile=True, offload="model")` and `sdxl generate --compile --offload model` set
+`sdxl.load(..., compile=True, fp8=True, offload="model")` and `sdxl generate --compile --fp8 --offload model` set
 these up; the pipeline finds where a component computes with `execution_device`.
 
 Offloading never copies weights back: inference does not change them, so a module's CPU tensors
@@ -19,9 +20,11 @@ import itertools
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["OFFLOAD_MODES", "Offload", "check_modes", "compile_mode", "compile_unet", "execution_device", "is_compiled"]
+__all__ = ["OFFLOAD_MODES", "FP8Linear", "Offload", "check_modes", "compile_mode", "compile_unet", "execution_device",
+           "is_compiled", "store_fp8"]
 
 OFFLOAD_MODES = ("model", "sequential")
 
@@ -33,6 +36,46 @@ def check_modes(compile: bool | str, offload: str | None) -> None:
     if offload == "sequential" and compile:
         raise ValueError("compile and sequential offload do not combine (its hooks move weights in the middle of "
                          "the U-Net's forward); use model offload with compile")
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8 weight storage
+
+FP8 = torch.float8_e4m3fn  # 4 exponent bits, 3 mantissa bits: the format for weights (max 448)
+
+
+class FP8Linear(nn.Module):
+    """nn.Linear with its weight stored in float8 (e4m3) and one scale per output row: a quarter of the weight's
+    float32 memory, half of float16's. Each call widens the weight to the input's dtype (weight-only
+    quantisation: the matmul itself runs in that dtype, so any device that can cast float8 runs it)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach()
+        scale = w.float().abs().amax(dim=1, keepdim=True) / torch.finfo(FP8).max
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero rows stay zero
+        self.register_buffer("weight_fp8", (w.float() / scale).to(FP8))
+        self.register_buffer("scale", scale.to(w.dtype))
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight_fp8.to(x.dtype) * self.scale.to(x.dtype), self.bias)
+
+
+def store_fp8(module: nn.Module) -> int:
+    """Replace every nn.Linear inside `module` by an FP8Linear (in place, for inference); returns how many.
+
+    In the SDXL base U-Net the linear layers (attention, feed-forward, projections, embeddings) hold 87% of the
+    weights (2.23 of 2.57 billion): in float16 it takes 5.1 GB, with fp8 linear weights 2.9 GB. The convolutions
+    stay as they are."""
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, FP8Linear(child))
+                count += 1
+    return count
 
 
 # ---------------------------------------------------------------------------------------------

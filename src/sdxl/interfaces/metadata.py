@@ -13,7 +13,7 @@ Two text chunks:
   from and "batch_index" its place there, since image i of a batch equals the single image of
   seed + i only up to rounding; micro-conditioning sizes as [height, width], crops as [top, left],
   as in the Python API), the init image and mask as file paths, "size" ([width, height] of the
-  image), and "model", "refiner", "vae", "variant", "dtype", "device" and "sdxl_version".
+  image), and "model", "refiner", "vae", "variant", "dtype", "device", "fp8" and "sdxl_version".
 
 Nothing here imports torch.
 """
