@@ -24,13 +24,12 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
     p.add_argument("--recommend-cfg", type=float, help="the guidance scale generation uses unless told otherwise")
     args = p.parse_args(argv)
-    from sdxl.checkpoints.load import load
+    from sdxl.checkpoints.load import load, load_vae_file
     from sdxl.checkpoints.save import save_single_file
-    from sdxl.training.train_vae import load_vae
 
     parts = load(args.checkpoint, dtype=torch.float32)
     if args.vae:
-        vae = load_vae(args.vae, dtype=torch.float32)
+        vae = load_vae_file(args.vae, dtype=torch.float32)
         if vae.config != parts.vae.config:
             raise SystemExit(f"{args.vae}: its config differs from the checkpoint's VAE; latents would not match")
         parts.vae = vae

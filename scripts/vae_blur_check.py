@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from sdxl import builtin
+from sdxl.checkpoints.keymap import CheckpointError
 from sdxl.checkpoints.load import load, load_vae_file
 from sdxl.training.shapes import all_prompts, measure, render
 
@@ -24,7 +25,7 @@ def main() -> None:
     path = sys.argv[1] if len(sys.argv) > 1 else str(builtin.path("builtin"))
     try:
         vae = load_vae_file(path).eval()
-    except Exception:  # a whole model file: take its VAE
+    except CheckpointError:  # a whole model file: take its VAE
         vae = load(path).vae.eval()
 
     def round_trip(image: Image.Image) -> Image.Image:

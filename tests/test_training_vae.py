@@ -34,13 +34,13 @@ def test_train_save_reload(tmp_path):
     assert float(l1_after) < 0.8 * float(l1_before)
     assert vae.config.scaling_factor != SMALL.scaling_factor and vae.config.scaling_factor > 0
 
-    loaded = tv.load_vae(tmp_path / "out" / "vae.safetensors")
+    # The generic VAE-file loader (pipeline `vae=`, `sdxl convert --vae`) reads its size from the metadata.
+    from sdxl.checkpoints.load import load_vae_file
+
+    loaded = load_vae_file(tmp_path / "out" / "vae.safetensors")
     assert loaded.config == vae.config
     with torch.no_grad():
         assert torch.equal(loaded.decode(loaded.encode(x)), vae.decode(vae.encode(x)))
-
-    # The generic VAE-file loader (pipeline `vae=`, `sdxl convert --vae`) reads its size from the metadata too.
-    from sdxl.checkpoints.load import load_vae_file
 
     assert load_vae_file(tmp_path / "out" / "vae.safetensors").config == vae.config
 

@@ -127,17 +127,25 @@ def config_from_dict(cls, values: dict):
 CONFIG_CLASSES = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPConfig, "text_encoder_2": CLIPConfig}
 
 
+def saved_configs(tensors: Mapping[str, Tensor]) -> dict[str, object] | None:
+    """The model configs that files we wrote (models of other sizes) carry in their metadata; None if there are none."""
+    saved = getattr(tensors, "metadata", {}).get(METADATA_CONFIGS)
+    if not saved:
+        return None
+    try:
+        return {name: config_from_dict(CONFIG_CLASSES[name], c) for name, c in json.loads(saved).items()}
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{getattr(tensors, 'path', '?')}: unreadable model configs in the file's metadata ({e})") from None
+
+
 def official_configs(tensors: Mapping[str, Tensor], kind: str) -> dict[str, object]:
     """The configs of a single file's models: the official presets, with what a file may vary.
 
     Files we wrote for models of other sizes carry their configs in the metadata.
     """
-    saved = getattr(tensors, "metadata", {}).get(METADATA_CONFIGS)
+    saved = saved_configs(tensors)
     if saved:
-        try:
-            return {name: config_from_dict(CONFIG_CLASSES[name], c) for name, c in json.loads(saved).items()}
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise CheckpointError(f"{getattr(tensors, 'path', '?')}: unreadable model configs in the file's metadata ({e})") from None
+        return saved
     unet_config = unet_models.base if kind == "base" else unet_models.refiner
     in_channels = tensors.shape(UNET_IN)[1]
     if in_channels != unet_config.in_channels:  # inpainting fine-tunes: 4 latent + 1 mask + 4 masked-image
@@ -244,10 +252,8 @@ def load_vae_file(path: str | Path, *, dtype=None, device=None) -> AutoencoderKL
     desc = describe_tensors(tensors, path)
     if desc.kind != "vae":
         raise CheckpointError(f"{path}: not a VAE file but an SDXL {desc.kind} checkpoint ({desc.layout})")
-    config = vae_models.base
-    saved = getattr(tensors, "metadata", {}).get(METADATA_CONFIGS)
-    if saved and "vae" in saved:  # a VAE of another size that we wrote (e.g. by sdxl.training.train_vae)
-        config = official_configs(tensors, "vae")["vae"]
+    saved = saved_configs(tensors) or {}  # a VAE of another size that we wrote (e.g. by sdxl.training.train_vae)
+    config = saved.get("vae", vae_models.base)
     official = any(k.startswith("encoder.down.") for k in tensors)
     rules = vae_keys.official_vae_keys(config) if official else vae_keys.diffusers_vae_keys(config)
     return build(AutoencoderKL, config, tensors, rules, where=str(path), ignore=vae_keys.VAE_IGNORED, dtype=dtype, device=device)

@@ -553,7 +553,8 @@ def train(cfg: TrainConfig, *, loader: Loader | None = None, progress: bool = Tr
         enable_gradient_checkpointing(unet)
     trainee = Trainee(parts, cfg.train_text_encoders)
     model: nn.Module = trainee
-    if _fsdp(cfg, d):
+    sharded = _fsdp(cfg, d)
+    if sharded:
         shard_fsdp(trainee, d)  # (replaces the parameters by sharded ones: `params` comes after)
     elif d.world > 1:
         model = nn.parallel.DistributedDataParallel(
@@ -609,9 +610,9 @@ def train(cfg: TrainConfig, *, loader: Loader | None = None, progress: bool = Tr
             batch = next(batches)
             last = micro == cfg.grad_accum - 1
             # Only the last micro-batch all-reduces (FSDP: reduce-scatters) gradients.
-            if _fsdp(cfg, d):
+            if sharded:
                 model.set_requires_gradient_sync(last)
-            sync = contextlib.nullcontext() if last or d.world == 1 or _fsdp(cfg, d) else model.no_sync()
+            sync = contextlib.nullcontext() if last or d.world == 1 or sharded else model.no_sync()
             with sync:
                 text = text_cache.get(trainee, list(batch["captions"]), d.device) if text_cache else None
                 moments = latent_cache.get(parts.vae, batch["images"], batch["views"], d.device) if latent_cache else None

@@ -11,7 +11,7 @@ that the diffusion model sees latents of about unit variance, as SDXL's 0.13025 
 
 Outputs in OUT_DIR:
   vae.safetensors           the VAE, official (`encoder.down.*`) names, float32, its VAEConfig in the metadata
-                            (`sdxl.configs`); `load_vae` reads it back
+                            (`sdxl.configs`); `sdxl.checkpoints.load.load_vae_file` reads it back
   init_base.safetensors     a single-file tiny base (random U-Net and CLIPs seeded as `init = "tiny"` does,
                             + this VAE): `model = ".../init_base.safetensors"` in a training config trains a
                             U-Net on top of the trained VAE
@@ -35,10 +35,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..checkpoints.load import load_vae_file
+from ..checkpoints.save import METADATA_CONFIGS
 from ..models import vae as vae_models
 from ..models.vae import AutoencoderKL, VAEConfig
 
-METADATA_CONFIGS = "sdxl.configs"  # as sdxl.checkpoints.save
 # The built-in model's VAE: vae.tiny at half the width (16 base channels, widths 16/32/64/64), still 8x
 # downsampling and 4 latent channels; ~2x faster to train on a CPU than vae.tiny, ample for flat-coloured shapes.
 BUILTIN = replace(vae_models.tiny, base_channels=16, channel_mult=(1, 2, 4, 4))
@@ -120,21 +121,6 @@ def save_vae(vae: AutoencoderKL, path: str | Path, dtype: torch.dtype = torch.fl
     save_tensors(state, path, metadata={METADATA_CONFIGS: json.dumps({"vae": asdict(vae.config)})})
 
 
-def load_vae(path: str | Path, *, dtype: torch.dtype | None = None, device=None) -> AutoencoderKL:
-    """A VAE written by `save_vae`."""
-    from ..checkpoints.files import open_tensors
-    from ..checkpoints.load import build, config_from_dict
-    from ..checkpoints.vae_keys import VAE_IGNORED, official_vae_keys
-
-    tensors = open_tensors(path)
-    saved = getattr(tensors, "metadata", {}) or {}
-    if METADATA_CONFIGS not in saved:
-        raise ValueError(f"{path}: no VAE config in the metadata (not written by sdxl.training.train_vae)")
-    config = config_from_dict(VAEConfig, json.loads(saved[METADATA_CONFIGS])["vae"])
-    return build(AutoencoderKL, config, tensors, official_vae_keys(config), where=str(path), ignore=VAE_IGNORED,
-                 dtype=dtype, device=device)
-
-
 def init_checkpoint(vae: AutoencoderKL, path: str | Path, init: str = "tiny", seed: int = 0,
                     dtype: torch.dtype = torch.float32) -> None:
     """A single-file tiny base ('tiny') or refiner ('tiny_refiner'): random U-Net and CLIPs, built exactly as
@@ -202,7 +188,7 @@ def train_vae(out_dir: str | Path, data: str | Path, *, steps: int = 3000, batch
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     # init_from: continue from a VAE written by save_vae (its config wins over `config`).
-    vae = (load_vae(init_from, dtype=torch.float32) if init_from else AutoencoderKL(config or BUILTIN)).train().requires_grad_(True)
+    vae = (load_vae_file(init_from, dtype=torch.float32) if init_from else AutoencoderKL(config or BUILTIN)).train().requires_grad_(True)
     if decoder_only:  # fine-tune the decoder only: the latents (and a U-Net trained on them) stay valid
         vae.encoder.requires_grad_(False).eval()
         for m in (vae.quant_conv,):
