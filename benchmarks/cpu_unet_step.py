@@ -2,6 +2,8 @@
 
     python benchmarks/cpu_unet_step.py             # full base config, float32, 512x512 (64x64 latents), batch 2
     python benchmarks/cpu_unet_step.py --tiny      # the same on the tiny config (a dry run, seconds)
+    python benchmarks/cpu_unet_step.py --compile   # eager and torch.compile'd, both implementations (4 processes a round)
+    python benchmarks/cpu_unet_step.py --interleaved [--compile]   # all in one process, steps alternating
 
 Each measurement runs in its own fresh process (so peak RSS is that model's alone, and the two
 10 GiB models are never in memory together), alternating sdxl, diffusers, sdxl, diffusers, ...
@@ -13,6 +15,10 @@ weights and neither pays for a random initialisation of its own. It then runs on
 and times --runs steps (batch 2 = batched classifier-free guidance) under torch.inference_mode.
 The step includes the micro-conditioning embedding, which diffusers computes inside its forward.
 The printed ratios are sdxl / diffusers of the median step times and of the peak RSS.
+
+With --interleaved everything runs in this one process instead, every model on one shared copy of the
+weights, one step of each per round in alternating order: each ratio comes from steps taken seconds
+apart, which holds up where the machine's speed drifts between processes (no per-model peak RSS then).
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 HERE = Path(__file__).resolve().parent
+IMPLS = ("sdxl", "diffusers", "sdxl-compiled", "diffusers-compiled")
+PAIRS = [("sdxl", "diffusers"), ("sdxl-compiled", "diffusers"), ("sdxl-compiled", "diffusers-compiled"),
+         ("diffusers-compiled", "diffusers")]  # the ratios printed, where both were measured
 
 
 def memory_mib(field: str) -> float:
@@ -70,37 +79,43 @@ def inputs(batch: int, latent: int, config) -> dict[str, torch.Tensor]:
     }
 
 
-def child(args: argparse.Namespace) -> dict:
-    from safetensors.torch import save_file
-
+def make_step(impl: str, config, batch: int, size: int, weights: dict[str, torch.Tensor] | None = None):
+    """(one U-Net step of `impl`, its weights in our names). With `weights` (our names) the model uses those tensors
+    themselves (load_state_dict(assign=True)), so several models share one copy; else it allocates and fills its own."""
+    from sdxl.checkpoints.keymap import convert, invert
     from sdxl.checkpoints.unet_keys import diffusers_unet_keys, unet_config_to_diffusers
-    from sdxl.checkpoints.keymap import convert
-    from sdxl.models import unet as unets
     from sdxl.models.unet import UNet, micro_conditioning
 
-    config = unets.tiny if args.tiny else unets.base
-    start = time.perf_counter()
     with torch.device("meta"):
         ours = UNet(config)
-    if args.child == "sdxl":
-        model = ours.to_empty(device="cpu")
-        tensors = model.state_dict()
+    if impl.startswith("sdxl"):
+        model = ours
+        if weights is not None:
+            model.load_state_dict(weights, assign=True)
+        else:
+            weights = model.to_empty(device="cpu").state_dict()
+            fill_(weights)
     else:
         import diffusers
 
         with torch.device("meta"):
             model = diffusers.UNet2DConditionModel(**unet_config_to_diffusers(config))
-        model.to_empty(device="cpu")
-        # Our names -> diffusers' tensors (the same objects: the SDXL table only renames).
-        tensors = convert(model.state_dict(), diffusers_unet_keys(config), where="diffusers unet")
-        tensors = {name: tensors[name] for name in ours.state_dict()}  # our order
-    fill_(tensors)
+        rules = diffusers_unet_keys(config)
+        if weights is not None:  # our names -> diffusers' (the SDXL table only renames: the same tensors)
+            model.load_state_dict(invert(weights, rules), assign=True)
+        else:
+            model.to_empty(device="cpu")
+            tensors = convert(model.state_dict(), rules, where="diffusers unet")  # the same objects, our names
+            weights = {name: tensors[name] for name in ours.state_dict()}  # in our order: the same numbers as ours
+            fill_(weights)
     model.eval().requires_grad_(False)
-    built = time.perf_counter() - start
-    rss_weights = memory_mib("VmRSS")
+    if impl.endswith("compiled"):
+        from sdxl.acceleration import compile_unet
 
-    d = inputs(args.batch, args.size // 8, config)
-    if args.child == "sdxl":
+        compile_unet(model)  # the same call for both: fullgraph, static shapes, inductor's default mode on CPU
+
+    d = inputs(batch, size // 8, config)
+    if impl.startswith("sdxl"):
         def step():
             y = micro_conditioning(d["pooled"], d["time_ids"], dim=config.addition_time_embed_dim)
             return model(d["x"], d["t"], d["context"], y)
@@ -109,6 +124,19 @@ def child(args: argparse.Namespace) -> dict:
 
         def step():
             return model(d["x"], d["t"], encoder_hidden_states=d["context"], added_cond_kwargs=cond).sample
+    return step, weights
+
+
+def child(args: argparse.Namespace) -> dict:
+    from safetensors.torch import save_file
+
+    from sdxl.models import unet as unets
+
+    config = unets.tiny if args.tiny else unets.base
+    start = time.perf_counter()
+    step, tensors = make_step(args.child, config, args.batch, args.size)
+    built = time.perf_counter() - start
+    rss_weights = memory_mib("VmRSS")
 
     times = []
     with torch.inference_mode():
@@ -128,6 +156,49 @@ def child(args: argparse.Namespace) -> dict:
     }
 
 
+def interleaved(args: argparse.Namespace, impls: list[str]) -> None:
+    """Every implementation in this process on one shared copy of the weights; each round times one step of each,
+    in alternating order, so that a ratio comes from steps taken seconds apart."""
+    import diffusers
+
+    from sdxl.models import unet as unets
+
+    config = unets.tiny if args.tiny else unets.base
+    steps, weights = {}, None
+    for impl in impls:
+        steps[impl], weights = make_step(impl, config, args.batch, args.size, weights)
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    outputs = {}
+    with torch.inference_mode():
+        for impl in impls:  # warm-up (for the compiled ones: the compilation)
+            t0 = time.perf_counter()
+            outputs[impl] = steps[impl]()
+            print(f"{impl:<18} warm-up step {time.perf_counter() - t0:.2f} s", flush=True)
+        for r in range(args.runs):
+            for impl in impls if r % 2 == 0 else impls[::-1]:
+                t0 = time.perf_counter()
+                steps[impl]()
+                times[impl].append(time.perf_counter() - t0)
+            print(f"round {r + 1}: " + ", ".join(f"{impl} {times[impl][-1]:.2f} s" for impl in impls), flush=True)
+    print(f"\ntorch {torch.__version__}, diffusers {diffusers.__version__}, {torch.get_num_threads()} thread(s), float32, "
+          f"{'tiny' if args.tiny else 'base'} U-Net, {args.size}x{args.size}, batch {args.batch}, one process, "
+          f"steps interleaved; peak RSS of all together {memory_mib('VmHWM'):,.0f} MiB")
+    for impl in impls:
+        print(f"{impl:<18} median step {statistics.median(times[impl]):.3f} s over {args.runs} (min {min(times[impl]):.3f}, "
+              f"max {max(times[impl]):.3f})")
+    for impl, against in PAIRS:
+        if impl in times and against in times:
+            per_round = [a / b for a, b in zip(times[impl], times[against])]
+            print(f"ratio {impl} / {against}: median of the {args.runs} rounds' ratios {statistics.median(per_round):.3f} "
+                  f"(range {min(per_round):.3f}-{max(per_round):.3f}); ratio of medians "
+                  f"{statistics.median(times[impl]) / statistics.median(times[against]):.3f}")
+    if "diffusers" in outputs:
+        for impl in impls:
+            if impl != "diffusers":
+                diff = (outputs[impl] - outputs["diffusers"]).abs().max().item()
+                print(f"outputs: max |{impl} - diffusers| {diff:.2e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny U-Net config: a quick dry run")
@@ -135,21 +206,34 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3, help="timed steps per process, after one warm-up step")
     parser.add_argument("--rounds", type=int, default=2, help="processes per implementation, alternating")
-    parser.add_argument("--child", choices=("sdxl", "diffusers"), help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true",
+                        help="also both U-Nets compiled by sdxl's compile_unet (the warm-up step is the compilation)")
+    parser.add_argument("--impl", choices=IMPLS, action="append",
+                        help="measure only this one (repeatable; default sdxl and diffusers, and with --compile the "
+                             "compiled two)")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="all in this one process, sharing one copy of the weights, steps alternating "
+                             "(ratios immune to slow drifts of the machine's speed; no per-model peak RSS)")
+    parser.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args)))
         return
 
+    impls = args.impl or list(IMPLS if args.compile else IMPLS[:2])
+    if args.interleaved:
+        interleaved(args, impls)
+        return
+
     import diffusers
     from safetensors.torch import load_file
 
-    results: dict[str, list[dict]] = {"sdxl": [], "diffusers": []}
+    results: dict[str, list[dict]] = {}
     flags = [f"--size={args.size}", f"--batch={args.batch}", f"--runs={args.runs}"] + (["--tiny"] if args.tiny else [])
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for impl in ("sdxl", "diffusers"):
+            for impl in impls:
                 out = f"{tmp}/{impl}{r}.safetensors"
                 proc = subprocess.run([sys.executable, __file__, "--child", impl, "--out", out, *flags],
                                       capture_output=True, text=True)
@@ -157,13 +241,13 @@ def main() -> None:
                     sys.exit(f"{impl} process failed:\n{proc.stderr}")
                 res = json.loads(proc.stdout.strip().splitlines()[-1])
                 res["output"] = load_file(out)["out"]
-                results[impl].append(res)
-                print(f"round {r + 1} {impl:<9}: steps {', '.join(f'{s:.2f}' for s in res['times'])} s "
+                results.setdefault(impl, []).append(res)
+                print(f"round {r + 1} {impl:<18}: steps {', '.join(f'{s:.2f}' for s in res['times'])} s "
                       f"(warm-up {res['warmup']:.2f} s, weights built in {res['build']:.1f} s), "
                       f"RSS with weights {res['rss_weights_mib']:,.0f} MiB, peak {res['peak_rss_mib']:,.0f} MiB",
                       flush=True)
 
-    first = results["sdxl"][0]
+    first = next(iter(results.values()))[0]
     print(f"\ntorch {torch.__version__}, diffusers {diffusers.__version__}, {first['threads']} thread(s), float32, "
           f"{'tiny' if args.tiny else 'base'} U-Net ({first['weights_mib']:,.0f} MiB of weights), "
           f"{args.size}x{args.size} ({args.size // 8}x{args.size // 8} latents), batch {args.batch}")
@@ -171,13 +255,17 @@ def main() -> None:
     for impl, rs in results.items():
         times = [s for r in rs for s in r["times"]]
         summary[impl] = (statistics.median(times), max(r["peak_rss_mib"] for r in rs))
-        print(f"{impl:<9} median step {summary[impl][0]:.3f} s over {len(times)} steps in {len(rs)} processes "
+        print(f"{impl:<18} median step {summary[impl][0]:.3f} s over {len(times)} steps in {len(rs)} processes "
               f"(min {min(times):.3f}, max {max(times):.3f}); peak RSS {summary[impl][1]:,.0f} MiB")
-    print(f"ratio sdxl / diffusers: step time {summary['sdxl'][0] / summary['diffusers'][0]:.3f}, "
-          f"peak RSS {summary['sdxl'][1] / summary['diffusers'][1]:.3f}")
-    a, b = results["sdxl"][0]["output"], results["diffusers"][0]["output"]
-    print(f"outputs: max |sdxl - diffusers| {(a - b).abs().max().item():.2e} (output std {b.std().item():.3f})")
-
+    reference = results.get("diffusers", [{}])[0].get("output")
+    for impl, against in PAIRS:
+        if impl in summary and against in summary:
+            print(f"ratio {impl} / {against}: step time {summary[impl][0] / summary[against][0]:.3f}, "
+                  f"peak RSS {summary[impl][1] / summary[against][1]:.3f}")
+    for impl in results:
+        if reference is not None and impl != "diffusers":
+            diff = (results[impl][0]["output"] - reference).abs().max().item()
+            print(f"outputs: max |{impl} - diffusers| {diff:.2e} (output std {reference.std().item():.3f})")
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,7 @@
     python benchmarks/gpu_generate.py --offload sequential
     python benchmarks/gpu_generate.py --fp8 --offload model   # the low-memory target: <= 4 GiB peak at 1024x1024
     python benchmarks/gpu_generate.py --refiner           # base + refiner, 40 steps, switch at 0.8
+    python benchmarks/gpu_generate.py --size 2048 --vae-tiling --offload model   # 2048x2048, VAE in tiles (both)
     python benchmarks/gpu_generate.py --tiny [--compile | --offload MODE | --refiner]   # tiny models: a CPU dry run
 
 Random full-size weights are made in our models, written as diffusers folders by our writer, and
@@ -48,6 +49,8 @@ def main() -> None:
                         help="sdxl keeps its U-Nets' linear weights in float8 (diffusers runs as it is)")
     parser.add_argument("--refiner", action="store_true", help="base + refiner, switching at --switch")
     parser.add_argument("--switch", type=float, default=0.8)
+    parser.add_argument("--size", type=int, default=None, help="image width and height (default 1024; 64 with --tiny)")
+    parser.add_argument("--vae-tiling", action="store_true", help="both pipelines decode in tiles")
     args = parser.parse_args()
     steps = args.steps or (40 if args.refiner else 30)
 
@@ -67,7 +70,7 @@ def main() -> None:
     cuda = device.type == "cuda"
     dtype = torch.float16 if cuda and not args.fp32 else torch.float32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    size = 64 if args.tiny else 1024
+    size = args.size or (64 if args.tiny else 1024)
     mode = args.compile_mode or compile_mode(device)
 
     def models(kind: str) -> Components:
@@ -109,6 +112,8 @@ def main() -> None:
     ref_pipes = [p for p in (ref, ref_refiner) if p is not None]
     for p in ref_pipes:
         p.set_progress_bar_config(disable=True)
+        if args.vae_tiling:
+            p.vae.enable_tiling()
 
     prompt = "a red circle on a blue background, highly detailed photograph"
     common = dict(num_inference_steps=steps, guidance_scale=5.0, width=size, height=size)
@@ -184,7 +189,7 @@ def main() -> None:
 
     def run_ours():
         return ours.generate(prompt, width=size, height=size, steps=steps, cfg=5.0, sampler="euler", seed=0,
-                             refiner_switch=args.switch, output="np")[0]
+                             refiner_switch=args.switch, vae_tiling=args.vae_tiling, output="np")[0]
 
     results["sdxl"] = measure(run_ours)
 
@@ -192,7 +197,7 @@ def main() -> None:
     what = "base + refiner (switch %.2f)" % args.switch if args.refiner else "base"
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {name}, {dtype}, {size}x{size}, {what}, "
           f"{steps} euler steps, cfg 5, batch 1, {args.runs} timed image(s) after 1 warm-up")
-    print(f"compile: {mode if args.compile else 'no'}; offload: sdxl {args.offload or 'none'}, diffusers {ref_offload}; "
+    print(f"compile: {mode if args.compile else 'no'}; VAE tiling: {'yes' if args.vae_tiling else 'no'}; offload: sdxl {args.offload or 'none'}, diffusers {ref_offload}; "
           f"fp8 U-Net linear weights: sdxl {'yes' if args.fp8 else 'no'}, diffusers no")
     for k, r in results.items():
         extra = f"   warm-up image {r['warmup']:6.1f} s, graphs compiled after it {r['recompiled']}" if args.compile else ""

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdxl.checkpoints import clip_keys, unet_keys, vae_keys
-from sdxl.checkpoints.files import PickledTensors, TensorFile, open_tensors, read_safetensors_header
+from sdxl.checkpoints.files import PickledTensors, Staging, TensorFile, open_tensors, read_safetensors_header
 from sdxl.checkpoints.formats import describe, describe_tensors, diffusers_weight_files
 from sdxl.checkpoints.keymap import CheckpointError, invert
 from sdxl.checkpoints.load import Components, load_diffusers, load_official_tensors, load_single_file
@@ -188,6 +188,31 @@ def test_load_some_components(tiny):
     loaded = load_single_file(tiny.base_fp16, components=("vae",))
     assert loaded.vae is not None
     assert loaded.unet is None and loaded.text_encoder is None and loaded.text_encoder_2 is None
+
+
+def test_staged_reads_give_the_file_bytes(tiny):
+    """The ring of reused buffers that carries a file's tensors to a GPU, run on the CPU with chunks so small that every
+    tensor spans several of them and the ring wraps many times: each tensor arrives value for value, converted when
+    asked, and a file that ends early is reported, not padded."""
+    tensors = TensorFile([tiny.base_fp16])
+    staging = Staging(torch.device("cpu"), buffers=3, chunk=100)
+    with open(tiny.base_fp16, "rb", buffering=0) as f:
+        for name in list(tensors)[:40]:
+            expected = tensors[name]  # mapped
+            for dtype in (expected.dtype, torch.float32):
+                out = torch.empty(expected.numel(), dtype=dtype)
+                f.seek(tensors._offsets[name])
+                assert staging.read(f, out, expected.dtype)
+                assert torch.equal(out.reshape(expected.shape), expected.to(dtype)), name
+        f.seek(0, os.SEEK_END)
+        f.seek(f.tell() - 50)
+        assert not staging.read(f, torch.empty(60, dtype=torch.float16), torch.float16)
+    tensors.read_to, tensors.read_dtype = torch.device("cpu"), torch.float32  # what a converting load sets
+    mapped = safe_open(str(tiny.base_fp16), framework="pt")
+    for name in tensors:
+        stored = mapped.get_tensor(name)
+        assert torch.equal(tensors[name], stored.float() if stored.is_floating_point() else stored), name
+        assert tensors[name].dtype == (torch.float32 if stored.is_floating_point() else stored.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,10 +45,14 @@ class TensorFile(Mapping[str, Tensor]):
         self._index: dict[str, tuple[int, str, tuple[int, ...]]] = {}
         self._offsets: dict[str, int] = {}  # absolute byte offset of each tensor's data
         self._handles = []
-        # True: tensors are read into fresh memory (pread) instead of mapped. Loaders set it when
-        # every tensor is converted or moved anyway, so the file's pages never join the process's
-        # resident memory next to the converted copy.
-        self.copy_reads = False
+        # Where tensors are read to. None: the file is mapped (no copy; pages are read when used).
+        # A device: each tensor is read into fresh memory there, through a few reused buffers
+        # (`Staging`), and on the CPU its floats converted to `read_dtype` on the way. Loaders set it
+        # when every tensor is converted or moved anyway, so the file's pages never join the
+        # process's resident memory next to the converted copy, and no tensor is held twice.
+        self.read_to: torch.device | None = None
+        self.read_dtype: torch.dtype | None = None
+        self._staging: Staging | None = None
         self.metadata: dict[str, str] = {}
         for i, path in enumerate(paths):
             header = read_safetensors_header(path)
@@ -69,16 +73,20 @@ class TensorFile(Mapping[str, Tensor]):
 
     def __getitem__(self, name: str) -> Tensor:
         i, dtype_name, shape = self._index[name]
-        if self.copy_reads and dtype_name in SAFETENSORS_DTYPES:
-            dtype = SAFETENSORS_DTYPES[dtype_name]
-            nbytes = _numel(shape) * dtype.itemsize
-            raw = torch.empty(nbytes, dtype=torch.uint8)  # not zero-filled: read straight into it
-            with open(self.paths[i], "rb", buffering=0) as f:
-                f.seek(self._offsets[name])
-                if f.readinto(raw.numpy()) != nbytes:
-                    raise CheckpointError(f"{self.paths[i]}: truncated while reading {name}")
-            return raw.view(dtype).reshape(shape)
-        return self._handles[i].get_tensor(name)
+        if self.read_to is None or dtype_name not in SAFETENSORS_DTYPES:
+            return self._handles[i].get_tensor(name)
+        stored = SAFETENSORS_DTYPES[dtype_name]
+        dtype = self.read_dtype if self.read_dtype is not None and stored.is_floating_point else stored
+        # On the CPU floats are converted as they leave the buffer (no second pass). A GPU gets the stored dtype and
+        # converts there, tensor by tensor: a copy to a GPU that also converts would convert on the host first.
+        out = torch.empty(_numel(shape), dtype=dtype if self.read_to.type == "cpu" else stored, device=self.read_to)
+        if self._staging is None or self._staging.device != out.device:
+            self._staging = Staging(out.device)
+        with open(self.paths[i], "rb", buffering=0) as f:
+            f.seek(self._offsets[name])
+            if not self._staging.read(f, out, stored):
+                raise CheckpointError(f"{self.paths[i]}: truncated while reading {name}")
+        return out.to(dtype).reshape(shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)
@@ -106,6 +114,43 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+class Staging:
+    """Reads tensors from a file into memory on a device through reused host buffers (pinned ones for CUDA).
+
+    The buffers are allocated once, not per tensor: fresh host memory costs a page fault per 4 KiB,
+    about as much again as the read. To a GPU a ring of buffers is used, and a buffer is refilled
+    only once its last copy to the device has finished (an event per buffer): while the GPU copies
+    one chunk the next is being read from the file, so the load can take about as long as reading
+    the file (benchmarks/load_memory.py --device cuda).
+    """
+
+    def __init__(self, device: torch.device, buffers: int | None = None, chunk: int = 16 * 2**20):
+        self.device, self.chunk = device, chunk
+        cuda = device.type == "cuda"
+        buffers = buffers or (4 if cuda else 1)  # copies on the CPU are done when copy_ returns: one is enough
+        self.buffers = [torch.empty(chunk, dtype=torch.uint8, pin_memory=cuda) for _ in range(buffers)]
+        self.copied: list = [None] * buffers  # each buffer's last copy (a CUDA event), to wait for before reuse
+        self.next = 0
+
+    def read(self, f, out: Tensor, stored: torch.dtype) -> bool:
+        """Fill the flat tensor `out` with out.numel() values of dtype `stored` read from file `f`'s
+        current position, converted to out's dtype; False if the file ends first."""
+        per_chunk = self.chunk // stored.itemsize
+        for start in range(0, out.numel(), per_chunk):
+            n = min(per_chunk, out.numel() - start)
+            i, self.next = self.next, (self.next + 1) % len(self.buffers)
+            if self.copied[i] is not None:
+                self.copied[i].synchronize()
+            buffer = self.buffers[i][:n * stored.itemsize]
+            if f.readinto(buffer.numpy()) != buffer.numel():
+                return False
+            out[start:start + n].copy_(buffer.view(stored), non_blocking=True)
+            if self.device.type == "cuda":
+                self.copied[i] = torch.cuda.Event()
+                self.copied[i].record(torch.cuda.current_stream(self.device))  # the stream the copy went on
+        return True
 
 
 class PickledTensors(dict):

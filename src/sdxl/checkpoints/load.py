@@ -83,13 +83,20 @@ def _device_dtype(dtype: torch.dtype | str | None, device: torch.device | str | 
     return dtype or torch.float32, device
 
 
-def _prefer_copies(tensors: Mapping[str, Tensor], dtype: torch.dtype, device: torch.device) -> None:
-    """Map the file when its tensors can be used as they are; read copies when each is converted."""
+def _choose_reads(tensors: Mapping[str, Tensor], dtype: torch.dtype, device: torch.device) -> None:
+    """Map the file when its tensors can be used as they are; read copies when each is converted,
+    straight to the GPU when that is where they go."""
     source, prefix = (tensors.tensors, tensors.prefix) if isinstance(tensors, Prefixed) else (tensors, "")
     if isinstance(source, TensorFile):
         stored = {source.dtype(prefix + k) for k in tensors}
         floats = {d for d in stored if d is not None and d.is_floating_point}
-        source.copy_reads = device.type != "cpu" or floats != {dtype}
+        if device.type == "cuda":
+            source.read_to = device  # through pinned buffers: reading the file overlaps with the copies
+        elif device.type == "cpu" and floats == {dtype}:
+            source.read_to = None  # the mapped tensors are used as they are
+        else:
+            source.read_to = torch.device("cpu")
+        source.read_dtype = dtype
 
 
 def build(
@@ -105,12 +112,13 @@ def build(
 ) -> nn.Module:
     """Build `model_cls(config)` on the meta device and fill it from `tensors` through `rules`."""
     dtype, device = _device_dtype(dtype, device)
-    _prefer_copies(tensors, dtype, device)
+    _choose_reads(tensors, dtype, device)
     with torch.device("meta"):
         model = model_cls(config)
     state = convert(tensors, rules, where=where, ignore=ignore)
     check_shapes(state, model, where=where, rules=rules)
-    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in state.items()}
+    for k, v in state.items():  # one at a time, so each stored-dtype copy is freed as its conversion is made
+        state[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else None)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

@@ -430,7 +430,7 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     m.add_argument("--dtype", choices=sorted(DTYPES), help="weights' dtype (default: fp32)")
     m.add_argument("--compile", action="store_true",
                    help="torch.compile the U-Net: the first image of each size compiles (minutes; cached on disk "
-                   "for later runs), the next ones are faster")
+                   "for later runs), the next ones are faster on a GPU (on the CPU it measured no faster)")
     m.add_argument("--fp8", action="store_true",
                    help="keep the U-Net's linear-layer weights in float8 (87%% of its weights): about half the "
                    "memory of float16, images close to but not equal to the plain ones")
