@@ -66,12 +66,13 @@ def main() -> None:
                    "--device", device.type, "--dtype", "fp16" if device.type == "cuda" else "fp32",
                    "--width", str(size), "--height", str(size), "--steps", "30", "--cfg", "5", "--sampler", "euler",
                    "--json"]
+        # This checkout's package first, then whatever the caller had (the GPU machine's carried wheels).
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
         walls, reports = [], []
         for run in range(args.runs):
             t = time.perf_counter()
             out = ["--out", str(Path(tmp) / f"startup{run}.png")]
-            proc = subprocess.run(command + out, capture_output=True, text=True, cwd=ROOT,
-                                  env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+            proc = subprocess.run(command + out, capture_output=True, text=True, cwd=ROOT, env=env)
             wall = time.perf_counter() - t
             if proc.returncode:
                 sys.exit(f"sdxl generate failed:\n{proc.stderr[-3000:]}")

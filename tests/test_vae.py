@@ -285,12 +285,17 @@ def test_one_tile_is_exactly_plain(tiny_model):
     assert torch.equal(tiled, tiny_model.encode(images, sample=True, generator=gen()))
 
 
-@pytest.mark.parametrize("size, tile, overlap", [(32, 16, 4), (37, 10, 3), (17, 10, 4), (100, 16, 0), (9, 16, 4)])
+@pytest.mark.parametrize("size, tile, overlap",
+                         [(32, 16, 4), (37, 10, 3), (17, 10, 4), (100, 16, 0), (9, 16, 4), (256, 128, 16), (129, 128, 16)])
 def test_tile_spans_cover_evenly(size, tile, overlap):
     spans = tile_spans(size, tile, overlap)
     assert spans[0][0] == 0 and spans[-1][1] == size
-    assert all(b - a == min(tile, size) for a, b in spans)  # equal tiles: no thin last tile
+    lengths = {b - a for a, b in spans}
+    assert len(lengths) == 1 and max(lengths) <= tile  # equal tiles (no thin last one), none longer than asked
     assert all(s1 - e0 <= -overlap for (_, e0), (s1, _) in zip(spans, spans[1:]))  # overlap at least `overlap`
+    # As short as the count allows: one latent less per tile would break the overlap or the cover.
+    n, length = len(spans), lengths.pop()
+    assert n == 1 or n * (length - 1) < size + (n - 1) * overlap
     # The weights cross-fade pairwise overlaps exactly (they sum to 1 without normalising).
     if all(spans[i + 2][0] >= spans[i][1] for i in range(len(spans) - 2)):
         total = torch.zeros(size * 8)
