@@ -5,7 +5,9 @@
 Without --file it writes a full-size base in the official layout (float16, 6.9 GB, zero weights:
 the loader's cost does not depend on the values) to a temporary folder first. Each measurement runs
 in a fresh process, which reports its own peak resident memory (VmHWM), so numbers don't mix.
-The file is read once before measuring, so every figure is with the file in the page cache.
+The file is read once before measuring, so every figure is with the file in the page cache. A load
+to another device is then checked, outside the timing, against a CPU load of the same file: every
+weight equal.
 """
 
 from __future__ import annotations
@@ -75,7 +77,15 @@ def measure(mode: str, path: str, device: str, dtype: str) -> dict:
                     for p in m.parameters())
         assert total == total
     seconds = time.perf_counter() - start
-    return {"mode": mode, "dtype": dtype, "device": device, "seconds": seconds, "peak_rss_mib": peak_rss_mib(),
+    peak = peak_rss_mib()
+    if mode == "load" and device != "cpu":  # after the clock: every weight as a plain CPU load (mapped file) gives it
+        reference = load_single_file(path, dtype=dtype, device="cpu")
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            theirs = getattr(reference, name).state_dict()
+            for k, v in getattr(parts, name).state_dict().items():
+                if not torch.equal(v.cpu(), theirs[k]):
+                    raise SystemExit(f"{device} load differs from the CPU load at {name}.{k}")
+    return {"mode": mode, "dtype": dtype, "device": device, "seconds": seconds, "peak_rss_mib": peak,
             "load_seconds": loaded if mode == "load" else seconds, "import_seconds": imported}
 
 
