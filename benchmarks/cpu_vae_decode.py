@@ -8,7 +8,7 @@ at 24 GB: a 256-channel feature map at 2048x2048 is 4 GiB, and a ResBlock holds 
 what tiling is for. Each of the four decodes runs in its own fresh process, so its peak RSS is its
 own; the weights are filled in place from seeded generators in our names (diffusers'
 tensors reached through our diffusers key table), so both hold the same numbers. Tiled: ours
-`decode_tiled` (128-latent tiles overlapping by at least 16, cross-faded), diffusers'
+`decode_tiled` (tiles of at most 128 latents overlapping by at least 16, cross-faded), diffusers'
 `enable_tiling()` (its own tile size and blending). Peak RSS is printed beyond the process's RSS once
 the weights are in (the decode's own memory: activations and the output).
 """

@@ -31,7 +31,10 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def make_file(path: Path) -> None:
+def make_file(path: Path, device: str = "cpu", tiny: bool = False) -> None:
+    """A base in the official layout, float16. On the CPU with zero weights (random init of 3.5 B numbers takes
+    minutes there; the loader's cost does not depend on the values); elsewhere (a GPU) with PyTorch's default
+    random init, which is fast there and what timing images needs."""
     from sdxl.checkpoints.load import Components
     from sdxl.checkpoints.save import save_single_file
     from sdxl.models import clip, unet, vae
@@ -39,14 +42,18 @@ def make_file(path: Path) -> None:
     from sdxl.models.unet import UNet
     from sdxl.models.vae import AutoencoderKL
 
-    def zeros(model: torch.nn.Module) -> torch.nn.Module:  # no random init: 3.5 B numbers take minutes
+    def zeros(model: torch.nn.Module) -> torch.nn.Module:
         return model.to_empty(device="cpu").half().apply(lambda m: [p.data.zero_() for p in m.parameters(recurse=False)])
 
-    with torch.device("meta"):
-        parts = Components(kind="base", unet=UNet(unet.base), vae=AutoencoderKL(vae.base),
-                           text_encoder=CLIPTextEncoder(clip.clip_l), text_encoder_2=CLIPTextEncoder(clip.clip_g))
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        setattr(parts, name, zeros(getattr(parts, name)))
+    u, v, l, g = (unet.tiny, vae.tiny, clip.clip_l_tiny, clip.clip_g_tiny) if tiny else \
+        (unet.base, vae.base, clip.clip_l, clip.clip_g)
+    torch.manual_seed(0)
+    with torch.device("meta" if device == "cpu" else device):
+        parts = Components(kind="base", unet=UNet(u), vae=AutoencoderKL(v), text_encoder=CLIPTextEncoder(l),
+                           text_encoder_2=CLIPTextEncoder(g))
+    if device == "cpu":
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            setattr(parts, name, zeros(getattr(parts, name)))
     save_single_file(parts, path, dtype=torch.float16)
 
 

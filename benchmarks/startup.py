@@ -4,7 +4,7 @@
     python benchmarks/startup.py --tiny           # a dry run on the CPU: tiny models, 64x64
 
 A full-size base with random weights (PyTorch's default initialisation, made on the GPU, where that
-is fast) is written as an official single file first; its pages stay in the page cache, as they
+is fast; zeros in the CPU dry run) is written as an official single file first; its pages stay in the page cache, as they
 would for a user who generated before. Each run is a fresh `python -m sdxl generate` process,
 timed from its launch to its exit (the whole command: interpreter, imports, starting CUDA, loading
 the file, encoding the prompt, 30 steps, decoding, writing the PNG); the process's own --json
@@ -28,23 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-
-
-def make_file(path: Path, device: torch.device, tiny: bool) -> None:
-    from sdxl.checkpoints.load import Components
-    from sdxl.checkpoints.save import save_single_file
-    from sdxl.models import clip, unet, vae
-    from sdxl.models.clip import CLIPTextEncoder
-    from sdxl.models.unet import UNet
-    from sdxl.models.vae import AutoencoderKL
-
-    u, v, l, g = (unet.tiny, vae.tiny, clip.clip_l_tiny, clip.clip_g_tiny) if tiny else \
-        (unet.base, vae.base, clip.clip_l, clip.clip_g)
-    torch.manual_seed(0)
-    with torch.device(device):
-        parts = Components(kind="base", unet=UNet(u), vae=AutoencoderKL(v), text_encoder=CLIPTextEncoder(l),
-                           text_encoder_2=CLIPTextEncoder(g))
-    save_single_file(parts, path, dtype=torch.float16)
+from load_memory import make_file  # noqa: E402  (random weights on a GPU, zeros on the CPU)
 
 
 def main() -> None:
@@ -59,7 +43,7 @@ def main() -> None:
         path = args.file or Path(tmp) / "sd_xl_base_random.safetensors"
         if not path.exists():
             t = time.perf_counter()
-            make_file(path, device, args.tiny)
+            make_file(path, device.type, args.tiny)
             print(f"wrote {path.name} ({path.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t:.0f} s",
                   flush=True)
         command = [sys.executable, "-m", "sdxl", "generate", "a lighthouse on a cliff at dusk", "--model", str(path),
