@@ -4,6 +4,7 @@
     python benchmarks/cpu_unet_step.py --tiny      # the same on the tiny config (a dry run, seconds)
     python benchmarks/cpu_unet_step.py --compile   # eager and torch.compile'd, both implementations (4 processes a round)
     python benchmarks/cpu_unet_step.py --interleaved [--compile]   # all in one process, steps alternating
+    python benchmarks/cpu_unet_step.py --interleaved --dtype bf16  # bfloat16 weights and activations in both
 
 Each measurement runs in its own fresh process (so peak RSS is that model's alone, and the two
 10 GiB models are never in memory together), alternating sdxl, diffusers, sdxl, diffusers, ...
@@ -36,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 HERE = Path(__file__).resolve().parent
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IMPLS = ("sdxl", "diffusers", "sdxl-compiled", "diffusers-compiled")
 PAIRS = [("sdxl", "diffusers"), ("sdxl-compiled", "diffusers"), ("sdxl-compiled", "diffusers-compiled"),
          ("diffusers-compiled", "diffusers")]  # the ratios printed, where both were measured
@@ -67,21 +69,23 @@ def fill_(tensors: dict[str, torch.Tensor]) -> None:
                 t.uniform_(-0.02, 0.02, generator=g)
 
 
-def inputs(batch: int, latent: int, config) -> dict[str, torch.Tensor]:
+def inputs(batch: int, latent: int, config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     size = float(latent * 8)
     return {
-        "x": torch.randn(batch, config.in_channels, latent, latent, generator=g),
+        "x": torch.randn(batch, config.in_channels, latent, latent, generator=g).to(dtype),
         "t": torch.full((batch,), 500.0),
-        "context": torch.randn(batch, 77, config.context_dim, generator=g),
-        "pooled": torch.randn(batch, config.adm_in_channels - 6 * config.addition_time_embed_dim, generator=g),
+        "context": torch.randn(batch, 77, config.context_dim, generator=g).to(dtype),
+        "pooled": torch.randn(batch, config.adm_in_channels - 6 * config.addition_time_embed_dim, generator=g).to(dtype),
         "time_ids": torch.tensor([[size, size, 0.0, 0.0, size, size]] * batch),
     }
 
 
-def make_step(impl: str, config, batch: int, size: int, weights: dict[str, torch.Tensor] | None = None):
+def make_step(impl: str, config, batch: int, size: int, weights: dict[str, torch.Tensor] | None = None,
+              dtype: torch.dtype = torch.float32):
     """(one U-Net step of `impl`, its weights in our names). With `weights` (our names) the model uses those tensors
-    themselves (load_state_dict(assign=True)), so several models share one copy; else it allocates and fills its own."""
+    themselves (load_state_dict(assign=True)), so several models share one copy; else it allocates and fills its own
+    (in float32, then converted to `dtype`: the same numbers, rounded, in both implementations)."""
     from sdxl.checkpoints.keymap import convert, invert
     from sdxl.checkpoints.unet_keys import diffusers_unet_keys, unet_config_to_diffusers
     from sdxl.models.unet import UNet, micro_conditioning
@@ -95,6 +99,8 @@ def make_step(impl: str, config, batch: int, size: int, weights: dict[str, torch
         else:
             weights = model.to_empty(device="cpu").state_dict()
             fill_(weights)
+            weights = {name: t.to(dtype) for name, t in weights.items()}
+            model.load_state_dict(weights, assign=True)
     else:
         import diffusers
 
@@ -108,13 +114,15 @@ def make_step(impl: str, config, batch: int, size: int, weights: dict[str, torch
             tensors = convert(model.state_dict(), rules, where="diffusers unet")  # the same objects, our names
             weights = {name: tensors[name] for name in ours.state_dict()}  # in our order: the same numbers as ours
             fill_(weights)
+            weights = {name: t.to(dtype) for name, t in weights.items()}
+            model.load_state_dict(invert(weights, rules), assign=True)
     model.eval().requires_grad_(False)
     if impl.endswith("compiled"):
         from sdxl.acceleration import compile_unet
 
         compile_unet(model)  # the same call for both: fullgraph, static shapes, inductor's default mode on CPU
 
-    d = inputs(batch, size // 8, config)
+    d = inputs(batch, size // 8, config, dtype)
     if impl.startswith("sdxl"):
         def step():
             y = micro_conditioning(d["pooled"], d["time_ids"], dim=config.addition_time_embed_dim)
@@ -134,7 +142,7 @@ def child(args: argparse.Namespace) -> dict:
 
     config = unets.tiny if args.tiny else unets.base
     start = time.perf_counter()
-    step, tensors = make_step(args.child, config, args.batch, args.size)
+    step, tensors = make_step(args.child, config, args.batch, args.size, dtype=DTYPES[args.dtype])
     built = time.perf_counter() - start
     rss_weights = memory_mib("VmRSS")
 
@@ -166,7 +174,7 @@ def interleaved(args: argparse.Namespace, impls: list[str]) -> None:
     config = unets.tiny if args.tiny else unets.base
     steps, weights = {}, None
     for impl in impls:
-        steps[impl], weights = make_step(impl, config, args.batch, args.size, weights)
+        steps[impl], weights = make_step(impl, config, args.batch, args.size, weights, DTYPES[args.dtype])
     times: dict[str, list[float]] = {impl: [] for impl in impls}
     outputs = {}
     with torch.inference_mode():
@@ -180,7 +188,7 @@ def interleaved(args: argparse.Namespace, impls: list[str]) -> None:
                 steps[impl]()
                 times[impl].append(time.perf_counter() - t0)
             print(f"round {r + 1}: " + ", ".join(f"{impl} {times[impl][-1]:.2f} s" for impl in impls), flush=True)
-    print(f"\ntorch {torch.__version__}, diffusers {diffusers.__version__}, {torch.get_num_threads()} thread(s), float32, "
+    print(f"\ntorch {torch.__version__}, diffusers {diffusers.__version__}, {torch.get_num_threads()} thread(s), {DTYPES[args.dtype]}, "
           f"{'tiny' if args.tiny else 'base'} U-Net, {args.size}x{args.size}, batch {args.batch}, one process, "
           f"steps interleaved; peak RSS of all together {memory_mib('VmHWM'):,.0f} MiB")
     for impl in impls:
@@ -204,6 +212,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny U-Net config: a quick dry run")
     parser.add_argument("--size", type=int, default=512, help="image size in pixels (latents are size / 8)")
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="weights and activations (bf16: the AMX matrix units of recent Intel Xeons)")
     parser.add_argument("--runs", type=int, default=3, help="timed steps per process, after one warm-up step")
     parser.add_argument("--rounds", type=int, default=2, help="processes per implementation, alternating")
     parser.add_argument("--compile", action="store_true",
@@ -230,7 +240,7 @@ def main() -> None:
     from safetensors.torch import load_file
 
     results: dict[str, list[dict]] = {}
-    flags = [f"--size={args.size}", f"--batch={args.batch}", f"--runs={args.runs}"] + (["--tiny"] if args.tiny else [])
+    flags = [f"--size={args.size}", f"--batch={args.batch}", f"--runs={args.runs}", f"--dtype={args.dtype}"] + (["--tiny"] if args.tiny else [])
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for impl in impls:
@@ -248,7 +258,7 @@ def main() -> None:
                       flush=True)
 
     first = next(iter(results.values()))[0]
-    print(f"\ntorch {torch.__version__}, diffusers {diffusers.__version__}, {first['threads']} thread(s), float32, "
+    print(f"\ntorch {torch.__version__}, diffusers {diffusers.__version__}, {first['threads']} thread(s), {DTYPES[args.dtype]}, "
           f"{'tiny' if args.tiny else 'base'} U-Net ({first['weights_mib']:,.0f} MiB of weights), "
           f"{args.size}x{args.size} ({args.size // 8}x{args.size // 8} latents), batch {args.batch}")
     summary = {}

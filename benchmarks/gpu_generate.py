@@ -8,7 +8,7 @@
     python benchmarks/gpu_generate.py --fp8 --offload model   # the low-memory target: <= 4 GiB peak at 1024x1024
     python benchmarks/gpu_generate.py --refiner           # base + refiner, 40 steps, switch at 0.8
     python benchmarks/gpu_generate.py --size 2048 --vae-tiling --offload model   # 2048x2048, VAE in tiles (both)
-    python benchmarks/gpu_generate.py --tiny [--compile | --offload MODE | --refiner]   # tiny models: a CPU dry run
+    python benchmarks/gpu_generate.py --tiny [--compile | --offload MODE | --refiner | --fp16]   # tiny models: a CPU dry run
 
 Random full-size weights are made in our models, written as diffusers folders by our writer, and
 loaded from them by diffusers, so both pipelines hold the same weights. Each pipeline is measured
@@ -18,7 +18,10 @@ compilation, reported as the warm-up time), then is timed over --runs images; wi
 script counts the graphs compiled during the timed images, which must be 0 (no recompilation for a
 second image of the same size). With --offload, diffusers uses its own enable_model_cpu_offload /
 enable_sequential_cpu_offload when `accelerate` is installed, and runs without offload otherwise
-(said in the output). The two pipelines' last images are compared pixel by pixel.
+(said in the output). In float16 both decode in float32, as both do with the official VAE, which
+overflows float16 (diffusers: `force_upcast`; sdxl: the VAE marked as one that overflowed). The two pipelines' last images are compared pixel by pixel, and so are what they
+had before decoding (the prompt's text conditioning, the final latents), which says where two images
+that differ parted.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny models (a dry run; on the CPU without CUDA)")
     parser.add_argument("--fp32", action="store_true", help="float32 (TF32 off): exact comparison")
+    parser.add_argument("--fp16", action="store_true", help="float16 on the CPU too (with --tiny: a dry run of that path)")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None, help="default: 30, or 40 with --refiner")
     parser.add_argument("--compile", action="store_true", help="torch.compile both pipelines' U-Nets")
@@ -68,7 +72,7 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
-    dtype = torch.float16 if cuda and not args.fp32 else torch.float32
+    dtype = torch.float16 if (cuda or args.fp16) and not args.fp32 else torch.float32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     size = args.size or (64 if args.tiny else 1024)
     mode = args.compile_mode or compile_mode(device)
@@ -118,13 +122,26 @@ def main() -> None:
     prompt = "a red circle on a blue background, highly detailed photograph"
     common = dict(num_inference_steps=steps, guidance_scale=5.0, width=size, height=size)
 
+    # What each pipeline had before its VAE (the last image's): where two images differ, these say whether the
+    # text conditioning, the sampling or the decoding parted them.
+    seen: dict[str, torch.Tensor] = {}
+
+    def ref_step_end(pipe, step, timestep, kw):
+        seen["ref latents"] = kw["latents"].float().cpu()
+        if step == 0 and "prompt_embeds" in kw:
+            seen["ref context"] = kw["prompt_embeds"][-1:].float().cpu()  # [negative, positive]: the positive
+        return kw
+
+    hooks = dict(callback_on_step_end=ref_step_end, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+
     def run_ref():
         g = [torch.Generator().manual_seed(0)]
         if ref_refiner is None:
-            return ref(prompt, generator=g, output_type="np", **common).images[0]
-        latents = ref(prompt, generator=g, output_type="latent", denoising_end=args.switch, **common).images
+            return ref(prompt, generator=g, output_type="np", **common, **hooks).images[0]
+        latents = ref(prompt, generator=g, output_type="latent", denoising_end=args.switch, **common, **hooks).images
         return ref_refiner(prompt, image=latents, num_inference_steps=steps, guidance_scale=5.0, denoising_start=args.switch,
-                           generator=g, output_type="np").images[0]
+                           generator=g, output_type="np", callback_on_step_end=ref_step_end,
+                           callback_on_step_end_tensor_inputs=["latents"]).images[0]
 
     def sync():
         if cuda:
@@ -187,17 +204,27 @@ def main() -> None:
         place(second, device)
         ours = Pipeline(base, second, compile=mode if args.compile else False)
 
+    def our_step(step, total, latents):
+        if step == total:
+            seen["sdxl latents"] = latents.float().cpu()
+
     def run_ours():
         return ours.generate(prompt, width=size, height=size, steps=steps, cfg=5.0, sampler="euler", seed=0,
-                             refiner_switch=args.switch, vae_tiling=args.vae_tiling, output="np")[0]
+                             refiner_switch=args.switch, vae_tiling=args.vae_tiling, output="np", callback=our_step)[0]
 
+    if dtype == torch.float16:
+        # Decode in float32, as with the official VAE (it overflows float16, so after the first image our pipeline
+        # decodes it in float32) and as diffusers does (force_upcast): random VAE weights would not overflow.
+        for parts in (base, second):
+            if parts is not None:
+                parts.vae.overflowed_in_half = True
     results["sdxl"] = measure(run_ours)
 
     name = torch.cuda.get_device_name() if cuda else "cpu"
     what = "base + refiner (switch %.2f)" % args.switch if args.refiner else "base"
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {name}, {dtype}, {size}x{size}, {what}, "
           f"{steps} euler steps, cfg 5, batch 1, {args.runs} timed image(s) after 1 warm-up")
-    print(f"compile: {mode if args.compile else 'no'}; VAE tiling: {'yes' if args.vae_tiling else 'no'}; offload: sdxl {args.offload or 'none'}, diffusers {ref_offload}; "
+    print(f"VAE decodes in float32 in both; compile: {mode if args.compile else 'no'}; VAE tiling: {'yes' if args.vae_tiling else 'no'}; offload: sdxl {args.offload or 'none'}, diffusers {ref_offload}; "
           f"fp8 U-Net linear weights: sdxl {'yes' if args.fp8 else 'no'}, diffusers no")
     for k, r in results.items():
         extra = f"   warm-up image {r['warmup']:6.1f} s, graphs compiled after it {r['recompiled']}" if args.compile else ""
@@ -207,6 +234,12 @@ def main() -> None:
           f"peak memory {results['sdxl']['peak'] / results['diffusers']['peak']:.2f}")
     diff = (results["sdxl"]["image"] - results["diffusers"]["image"]).abs() * 255
     print(f"pixel difference: max {diff.max():.2f}/255, mean {diff.mean():.3f}/255")
+    context = next(iter(ours._text_cache.values()))[0].float().cpu()  # the prompt's (the negative is zeros)
+    for what, a, b in (("text context", context, seen.get("ref context")),
+                       ("final latents", seen.get("sdxl latents"), seen.get("ref latents"))):
+        if a is not None and b is not None:
+            print(f"{what}: max |sdxl - diffusers| {(a - b).abs().max():.3e}, mean {(a - b).abs().mean():.3e} "
+                  f"(diffusers' std {b.std():.3f})")
 
 
 if __name__ == "__main__":

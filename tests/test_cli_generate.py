@@ -47,6 +47,7 @@ def test_generate_writes_pngs_with_parameters_equal_to_the_python_api(tiny_model
     files = sorted((tmp_path / "out").glob("*.png"))
     assert [f.name for f in files] == ["00000.png", "00001.png"]
     assert "steps/s" in r.stderr and "Traceback" not in r.stderr
+    assert "--dtype bf16" not in r.stderr  # a tiny model: no hint, whatever the CPU
     first = Image.open(files[0])
     params = first.info["parameters"]
     assert params.startswith("a red circle\n")
@@ -63,6 +64,21 @@ def test_generate_writes_pngs_with_parameters_equal_to_the_python_api(tiny_model
     r = sdxl("generate", "a red circle", "--model", tiny_model, *ARGS, "--out", tmp_path / "out")
     assert r.returncode == 0, r.stderr
     assert sorted(f.name for f in (tmp_path / "out").glob("*.png"))[-1] == "00002.png"
+
+
+def test_bf16_hint_only_where_it_pays():
+    from sdxl.acceleration import cpu_has_bf16_matrix_units
+    from sdxl.interfaces.cli import bf16_hint
+
+    assert isinstance(cpu_has_bf16_matrix_units(), bool)
+
+    full = 2_567_463_684  # SDXL base U-Net
+    assert "--dtype bf16" in bf16_hint("cpu", "fp32", False, full, True)
+    assert bf16_hint("cpu", "fp32", True, full, True) is None  # float32 asked for
+    assert bf16_hint("cuda", "fp32", False, full, True) is None
+    assert bf16_hint("cpu", "bf16", False, full, True) is None
+    assert bf16_hint("cpu", "fp32", False, 3_000_000, True) is None  # a tiny model
+    assert bf16_hint("cpu", "fp32", False, full, False) is None  # no bfloat16 matrix units
 
 
 def test_generate_to_a_named_file_and_from_the_environment(tiny_model, tmp_path):

@@ -441,13 +441,21 @@ def test_half_precision_vae_overflow_is_decoded_again_in_float32(models):
     torch.testing.assert_close(images[1], reference32[1])  # re-decoded in float32
     torch.testing.assert_close(images[0], reference32[0], atol=2e-2, rtol=0)  # decoded in float16
     assert all(p.dtype == torch.float16 for p in vae.parameters())  # the VAE is left in its dtype
+    # Marked: from now on it runs in float32 straight away (no warning; image 0 now exactly the float32 one).
+    assert vae.overflowed_in_half
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionWarning)
+        again = decode_latents(vae, latents)
+    torch.testing.assert_close(again, reference32, rtol=0, atol=0)
+    assert all(p.dtype == torch.float16 for p in vae.parameters())
 
-    # the same through generate: every image finite, a warning
+    # the same through generate, for a VAE not yet marked: every image finite, a warning
+    vae.overflowed_in_half = False
     with torch.no_grad():
         vae.decoder.conv_in.weight.mul_(20.0)
     with pytest.warns(PrecisionWarning):
         out = pipe.generate(PROMPT, width=64, height=64, steps=2, output="np")
-    assert np.isfinite(out).all()
+    assert np.isfinite(out).all() and vae.overflowed_in_half
 
 
 def test_load_with_a_replacement_vae_and_hub_ids(models, tmp_path):

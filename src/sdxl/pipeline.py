@@ -42,6 +42,7 @@ import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,27 +246,46 @@ def encode_prompts(
 
 
 def _run_vae(vae: AutoencoderKL, fn: Callable[[Tensor], Tensor], x: Tensor, what: str) -> Tensor:
-    """fn(x) in the VAE's dtype; images whose result is not finite are run again in float32 (warning)."""
+    """fn(x) in the VAE's dtype; images whose result is not finite are run again in float32 (warning).
+
+    A VAE that overflowed once is marked (`overflowed_in_half`) and runs in float32 from then on:
+    the official SDXL VAE overflows float16 on most images, and a doomed half-precision pass per image
+    would cost time and a warning each time (diffusers always decodes it in float32: `force_upcast`).
+    """
     dtype = _param(vae).dtype
-    out = fn(x.to(dtype))
     if dtype == torch.float32:
-        return out.float()
+        return fn(x.float()).float()
+    if vae.overflowed_in_half:
+        with _in_float32(vae):
+            return fn(x.float()).float()
+    out = fn(x.to(dtype))
     bad = (~torch.isfinite(out).flatten(1).all(dim=1)).nonzero().flatten().tolist()
     out = out.float()
     if bad:
         warnings.warn(
-            f"the VAE {what} image(s) {bad} to non-finite values in {dtype}; redoing them in float32 "
-            "(use a VAE fixed for half precision, e.g. load(..., vae='sdxl-vae-fp16-fix.safetensors'))",
+            f"the VAE {what} image(s) {bad} to non-finite values in {dtype}; redoing them in float32, and running "
+            "this VAE in float32 from now on (a VAE fixed for half precision avoids it, e.g. "
+            "load(..., vae='sdxl-vae-fp16-fix.safetensors'))",
             PrecisionWarning,
             stacklevel=3,
         )
-        vae.float()
-        try:
+        vae.overflowed_in_half = True
+        with _in_float32(vae):
             for i in bad:
                 out[i:i + 1] = fn(x[i:i + 1].float()).float()
-        finally:
-            vae.to(dtype)  # float16/bfloat16 -> float32 -> back is exact
     return out
+
+
+@contextmanager
+def _in_float32(vae: AutoencoderKL):
+    """The VAE's weights in float32 for the block, then back in their dtype (float16/bfloat16 -> float32 ->
+    back is exact). Converted for each use rather than kept, so the VAE keeps its dtype and memory between uses."""
+    dtype = _param(vae).dtype
+    vae.float()
+    try:
+        yield
+    finally:
+        vae.to(dtype)
 
 
 def decode_latents(vae: AutoencoderKL, latents: Tensor, *, tiled: bool = False) -> Tensor:

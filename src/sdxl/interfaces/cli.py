@@ -206,6 +206,18 @@ def _peak_memory(device) -> tuple[int | None, str]:
     return (rss if sys.platform == "darwin" else rss * 1024), "peak process RSS"
 
 
+BF16_HINT_MIN_PARAMS = 500_000_000  # full-size U-Nets (SDXL base: 2.6 billion); small ones gain too little to say
+
+
+def bf16_hint(device_type: str, dtype_name: str, chosen: bool, unet_params: int, bf16_units: bool) -> str | None:
+    """The line that points a CPU user at --dtype bf16, where it pays: float32 by default (not asked
+    for), a full-size model, and a CPU with bfloat16 matrix units (`cpu_has_bf16_matrix_units`)."""
+    if chosen or device_type != "cpu" or dtype_name != "fp32" or unet_params < BF16_HINT_MIN_PARAMS or not bf16_units:
+        return None
+    return ("note: this CPU multiplies bfloat16 matrices in hardware (AMX): --dtype bf16 runs a U-Net step 4 to 5 "
+            "times faster than float32 here, in half the memory (images differ slightly)")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import json
     import time
@@ -252,6 +264,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     import sdxl
 
+    from ..acceleration import cpu_has_bf16_matrix_units
+
     device = settings["device"]
     if device and str(device).startswith("cuda") and not torch.cuda.is_available():
         where = " (the device stored in the image; pass --device cpu)" if args.from_image else ""
@@ -274,6 +288,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if settings["cfg"] is None:  # the model's recommended scale: stored in the PNG, so --from-image repeats it
         settings["cfg"] = pipe.recommended_cfg()
     dtype_name = {getattr(torch, v): k for k, v in DTYPES.items()}.get(pipe.dtype, str(pipe.dtype))
+    hint = bf16_hint(pipe.device.type, dtype_name, settings["dtype"] is not None,
+                     sum(t.numel() for t in pipe.base.unet.state_dict().values()), cpu_has_bf16_matrix_units())
+    if hint:
+        print(hint, file=sys.stderr)
     common = {
         "model": stored(model), "refiner": stored(settings["refiner"]),
         "vae": stored(settings["vae"]), "variant": settings["variant"], "dtype": dtype_name,
@@ -427,7 +445,9 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     m.add_argument("--allow-download", action="store_true",
                    help="download Hub repo ids that are not in the local cache (also SDXL_ALLOW_DOWNLOAD=1)")
     m.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cpu)")
-    m.add_argument("--dtype", choices=sorted(DTYPES), help="weights' dtype (default: fp32)")
+    m.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="weights' dtype (default: fp32; fp16 suits GPUs, bf16 CPUs with AMX units: 4 to 5 times "
+                   "faster than fp32 there)")
     m.add_argument("--compile", action="store_true",
                    help="torch.compile the U-Net: the first image of each size compiles (minutes; cached on disk "
                    "for later runs), the next ones are faster on a GPU (on the CPU it measured no faster)")

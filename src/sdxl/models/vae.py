@@ -271,6 +271,9 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(moments, moments, 1) if config.use_quant_conv else nn.Identity()
         latent = config.latent_channels
         self.post_quant_conv = nn.Conv2d(latent, latent, 1) if config.use_post_quant_conv else nn.Identity()
+        # Set by the pipeline once a half-precision run overflowed (the official SDXL VAE does in float16):
+        # from then on it runs this VAE in float32 straight away rather than in float16 first.
+        self.overflowed_in_half = False
 
     # -- encoding
 
