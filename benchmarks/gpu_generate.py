@@ -126,10 +126,10 @@ def main() -> None:
     # text conditioning, the sampling or the decoding parted them.
     seen: dict[str, torch.Tensor] = {}
 
-    def ref_step_end(pipe, step, timestep, kw):
-        seen["ref latents"] = kw["latents"].float().cpu()
+    def ref_step_end(pipe, step, timestep, kw):  # keeps references only: no device reads inside the timed loop
+        seen["ref latents"] = kw["latents"]
         if step == 0 and "prompt_embeds" in kw:
-            seen["ref context"] = kw["prompt_embeds"][-1:].float().cpu()  # [negative, positive]: the positive
+            seen["ref context"] = kw["prompt_embeds"][-1:]  # [negative, positive]: the positive
         return kw
 
     hooks = dict(callback_on_step_end=ref_step_end, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
@@ -206,7 +206,7 @@ def main() -> None:
 
     def our_step(step, total, latents):
         if step == total:
-            seen["sdxl latents"] = latents.float().cpu()
+            seen["sdxl latents"] = latents
 
     def run_ours():
         return ours.generate(prompt, width=size, height=size, steps=steps, cfg=5.0, sampler="euler", seed=0,
@@ -238,6 +238,7 @@ def main() -> None:
     for what, a, b in (("text context", context, seen.get("ref context")),
                        ("final latents", seen.get("sdxl latents"), seen.get("ref latents"))):
         if a is not None and b is not None:
+            a, b = a.float().cpu(), b.float().cpu()
             print(f"{what}: max |sdxl - diffusers| {(a - b).abs().max():.3e}, mean {(a - b).abs().mean():.3e} "
                   f"(diffusers' std {b.std():.3f})")
 

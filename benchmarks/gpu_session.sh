@@ -33,4 +33,4 @@ step 150 python3 benchmarks/gpu_generate.py --compile --compile-mode default --r
 step 90 python3 benchmarks/gpu_generate.py --refiner --runs 1               # base + refiner, 40 steps
 step 80 python3 benchmarks/gpu_generate.py --offload sequential --runs 1    # these two only if time is left
 step 100 python3 benchmarks/gpu_generate.py --size 2048 --vae-tiling --offload model --runs 1
-grep -e "^ratio" -e "start-up" -e "^| fp16" -e "per image" "$log"
+grep -e "^ratio" -e "start-up" -e "^| fp16" -e "per image" -e "^pixel" -e "^text context" -e "^final latents" "$log"
