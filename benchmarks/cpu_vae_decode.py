@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_vae_decode.py             # full-size SDXL VAE, float32
     python benchmarks/cpu_vae_decode.py --tiny      # the tiny VAE at 256x256 (a dry run, seconds)
+    python benchmarks/cpu_vae_decode.py --dtype bf16   # weights and activations in bfloat16 (CPUs with AMX)
 
 A whole 2048x2048 decode in float32 does not fit this 23 GiB machine (ours was killed by the kernel
 at 24 GB: a 256-channel feature map at 2048x2048 is 4 GiB, and a ResBlock holds several), which is
@@ -26,12 +27,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from cpu_unet_step import fill_, memory_mib  # noqa: E402  (the same weights recipe as the U-Net benchmark)
+from cpu_unet_step import DTYPES, fill_, memory_mib  # noqa: E402  (the same weights recipe as the U-Net benchmark)
 
 RUNS = ("sdxl", "diffusers", "sdxl-tiled", "diffusers-tiled")  # whole at --whole pixels, tiled at --tiled
 
 
-def child(run: str, tiny: bool, pixels: int, out: str) -> dict:
+def child(run: str, tiny: bool, pixels: int, out: str, dtype: torch.dtype) -> dict:
     from safetensors.torch import save_file
 
     from sdxl.checkpoints.keymap import convert
@@ -59,15 +60,16 @@ def child(run: str, tiny: bool, pixels: int, out: str) -> dict:
 
         def decode(z):
             return model.decode(z).sample
-    model.eval().requires_grad_(False)
+    model.to(dtype).eval().requires_grad_(False)  # float32 filled, then rounded: the same numbers in both
     latent = pixels // config.downscale_factor
     latents = torch.randn(1, config.latent_channels, latent, latent, generator=torch.Generator().manual_seed(0))
+    latents = latents.to(dtype)
     rss = memory_mib("VmRSS")
     with torch.inference_mode():
         t = time.perf_counter()
         image = decode(latents)
         seconds = time.perf_counter() - t
-    save_file({"image": image.contiguous()}, out)
+    save_file({"image": image.float().contiguous()}, out)
     return {"seconds": seconds, "decode_peak_mib": memory_mib("VmHWM") - rss, "threads": torch.get_num_threads(),
             "size": tuple(image.shape[-2:])}
 
@@ -77,12 +79,13 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--whole", type=int, default=None, help="pixels of the whole decodes (default 1024; tiny 128)")
     parser.add_argument("--tiled", type=int, default=None, help="pixels of the tiled decodes (default 2048; tiny 256)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--child", choices=RUNS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--pixels", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.tiny, args.pixels, args.out)))
+        print(json.dumps(child(args.child, args.tiny, args.pixels, args.out, DTYPES[args.dtype])))
         return
     whole = args.whole or (128 if args.tiny else 1024)
     tiled = args.tiled or (256 if args.tiny else 2048)
@@ -95,8 +98,8 @@ def main() -> None:
         for run in RUNS:
             out = f"{tmp}/{run}.safetensors"
             pixels = tiled if run.endswith("tiled") else whole
-            proc = subprocess.run([sys.executable, __file__, "--child", run, "--out", out, "--pixels", str(pixels)]
-                                  + (["--tiny"] if args.tiny else []), capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, __file__, "--child", run, "--out", out, "--pixels", str(pixels),
+                                   "--dtype", args.dtype] + (["--tiny"] if args.tiny else []), capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"{run} failed:\n{proc.stderr[-3000:]}")
             results[run] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -104,7 +107,7 @@ def main() -> None:
             print(f"{run:<16} {pixels}x{pixels} {results[run]['seconds']:7.2f} s   decode's peak RSS {results[run]['decode_peak_mib']:8,.0f} MiB",
                   flush=True)
     print(f"\ntorch {torch.__version__}, diffusers {diffusers.__version__}, {results['sdxl']['threads']} thread(s), "
-          f"float32, {'tiny' if args.tiny else 'SDXL'} VAE, batch 1")
+          f"{DTYPES[args.dtype]}, {'tiny' if args.tiny else 'SDXL'} VAE, batch 1")
     for a, b in (("sdxl", "diffusers"), ("sdxl-tiled", "diffusers-tiled")):
         ra, rb = results[a], results[b]
         print(f"{a} / {b}: time {ra['seconds'] / rb['seconds']:.2f}, decode's peak RSS "

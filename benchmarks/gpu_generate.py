@@ -19,9 +19,9 @@ script counts the graphs compiled during the timed images, which must be 0 (no r
 second image of the same size). With --offload, diffusers uses its own enable_model_cpu_offload /
 enable_sequential_cpu_offload when `accelerate` is installed, and runs without offload otherwise
 (said in the output). In float16 both decode in float32, as both do with the official VAE, which
-overflows float16 (diffusers: `force_upcast`; sdxl: the VAE marked as one that overflowed). The two pipelines' last images are compared pixel by pixel, and so are what they
-had before decoding (the prompt's text conditioning, the final latents), which says where two images
-that differ parted.
+overflows float16 (diffusers: `force_upcast`; sdxl: the VAE marked as one that overflowed). The two
+pipelines' last images are compared pixel by pixel, and so are what they had before decoding (the
+prompt's text conditioning, the final latents), which says where two images that differ parted.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from sdxl.checkpoints.vae_keys import (
     vae_config_to_diffusers,
 )
 from sdxl.models import vae as vae_models
-from sdxl.models.vae import AutoencoderKL, VAEConfig, blend_weights, run_tiled, tile_spans
+from sdxl.models.vae import AutoencoderKL, VAEConfig, blend_weights, fast_layout, run_tiled, tile_spans
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -283,6 +283,22 @@ def test_one_tile_is_exactly_plain(tiny_model):
     gen = lambda: torch.Generator().manual_seed(11)  # noqa: E731
     tiled = tiny_model.encode_tiled(images, tile=128, overlap=32, sample=True, generator=gen())
     assert torch.equal(tiled, tiny_model.encode(images, sample=True, generator=gen()))
+
+
+@torch.no_grad()
+def test_bfloat16_on_the_cpu_runs_channels_last(tiny_model):
+    import copy
+
+    x = torch.randn(1, 4, 8, 8)
+    assert fast_layout(x) is x  # float32: as it is
+    assert fast_layout(x.bfloat16()).is_contiguous(memory_format=torch.channels_last)
+    half = copy.deepcopy(tiny_model).bfloat16()
+    latents = torch.randn(2, 4, 12, 16, generator=torch.Generator().manual_seed(12))
+    images = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(13)) * 2 - 1
+    decoded = half.decode(latents.bfloat16())
+    assert decoded.is_contiguous()  # callers get the usual layout back
+    for got, want in ((decoded, tiny_model.decode(latents)), (half.encode(images.bfloat16()), tiny_model.encode(images))):
+        assert (got.float() - want).abs().max() < 0.03 * want.abs().max()  # bfloat16 rounding, nothing worse
 
 
 @pytest.mark.parametrize("size, tile, overlap",
