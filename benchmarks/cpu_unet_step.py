@@ -9,9 +9,9 @@
 Each measurement runs in its own fresh process (so peak RSS is that model's alone, and the two
 10 GiB models are never in memory together), alternating sdxl, diffusers, sdxl, diffusers, ...
 (--rounds), so that load from other work on the machine falls on both alike. A process builds its
-model on the meta device, allocates it and fills every tensor in place from a generator seeded by
-the tensor's index in our state dict, in our names; diffusers' tensors get our names through our
-diffusers key table (`diffusers_unet_keys`, pure renames for SDXL), so both models hold identical
+model on the meta device, allocates our state dict and fills every tensor in place from a generator
+seeded by the tensor's index in it; diffusers' model is handed those tensors under its names through
+our diffusers key table (`diffusers_unet_keys`, pure renames for SDXL), so both models hold identical
 weights and neither pays for a random initialisation of its own. It then runs one step to warm up
 and times --runs steps (batch 2 = batched classifier-free guidance) under torch.inference_mode.
 The step includes the micro-conditioning embedding, which diffusers computes inside its forward.
@@ -84,38 +84,28 @@ def inputs(batch: int, latent: int, config, dtype: torch.dtype) -> dict[str, tor
 def make_step(impl: str, config, batch: int, size: int, weights: dict[str, torch.Tensor] | None = None,
               dtype: torch.dtype = torch.float32):
     """(one U-Net step of `impl`, its weights in our names). With `weights` (our names) the model uses those tensors
-    themselves (load_state_dict(assign=True)), so several models share one copy; else it allocates and fills its own
-    (in float32, then converted to `dtype`: the same numbers, rounded, in both implementations)."""
-    from sdxl.checkpoints.keymap import convert, invert
+    themselves (load_state_dict(assign=True)), so several models share one copy; else they are allocated and filled
+    first (in float32, then converted to `dtype`: the same numbers, rounded, for both implementations)."""
+    from sdxl.checkpoints.keymap import invert
     from sdxl.checkpoints.unet_keys import diffusers_unet_keys, unet_config_to_diffusers
     from sdxl.models.unet import UNet, micro_conditioning
 
     with torch.device("meta"):
         ours = UNet(config)
+    if weights is None:
+        weights = ours.to_empty(device="cpu").state_dict()
+        fill_(weights)
+        weights = {name: t.to(dtype) for name, t in weights.items()}
     if impl.startswith("sdxl"):
         model = ours
-        if weights is not None:
-            model.load_state_dict(weights, assign=True)
-        else:
-            weights = model.to_empty(device="cpu").state_dict()
-            fill_(weights)
-            weights = {name: t.to(dtype) for name, t in weights.items()}
-            model.load_state_dict(weights, assign=True)
+        model.load_state_dict(weights, assign=True)
     else:
         import diffusers
 
         with torch.device("meta"):
             model = diffusers.UNet2DConditionModel(**unet_config_to_diffusers(config))
-        rules = diffusers_unet_keys(config)
-        if weights is not None:  # our names -> diffusers' (the SDXL table only renames: the same tensors)
-            model.load_state_dict(invert(weights, rules), assign=True)
-        else:
-            model.to_empty(device="cpu")
-            tensors = convert(model.state_dict(), rules, where="diffusers unet")  # the same objects, our names
-            weights = {name: tensors[name] for name in ours.state_dict()}  # in our order: the same numbers as ours
-            fill_(weights)
-            weights = {name: t.to(dtype) for name, t in weights.items()}
-            model.load_state_dict(invert(weights, rules), assign=True)
+        # our names -> diffusers' (the SDXL table only renames: the same tensors)
+        model.load_state_dict(invert(weights, diffusers_unet_keys(config)), assign=True)
     model.eval().requires_grad_(False)
     if impl.endswith("compiled"):
         from sdxl.acceleration import compile_unet
