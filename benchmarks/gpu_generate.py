@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: 30, or 40 with --refiner")
     parser.add_argument("--compile", action="store_true", help="torch.compile both pipelines' U-Nets")
     parser.add_argument("--compile-mode", default=None,
-                        help="torch.compile mode for both (default: sdxl's choice, sdxl.acceleration.compile_mode)")
+                        help="torch.compile mode for both (default: sdxl's, sdxl.acceleration.COMPILE_MODE)")
     parser.add_argument("--offload", choices=("model", "sequential"), help="weights in CPU memory")
     parser.add_argument("--fp8", action="store_true",
                         help="sdxl keeps its U-Nets' linear weights in float8 (diffusers runs as it is)")
@@ -61,7 +61,7 @@ def main() -> None:
     import diffusers
     from torch._dynamo.utils import counters
 
-    from sdxl.acceleration import compile_mode, compile_unet
+    from sdxl.acceleration import COMPILE_MODE, compile_unet
     from sdxl.checkpoints.load import Components
     from sdxl.checkpoints.save import save_diffusers
     from sdxl.models import clip, unet, vae
@@ -75,7 +75,7 @@ def main() -> None:
     dtype = torch.float16 if (cuda or args.fp16) and not args.fp32 else torch.float32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     size = args.size or (64 if args.tiny else 1024)
-    mode = args.compile_mode or compile_mode(device)
+    mode = args.compile_mode or COMPILE_MODE
 
     def models(kind: str) -> Components:
         if kind == "base":

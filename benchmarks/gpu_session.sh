@@ -29,7 +29,7 @@ step 90 python3 benchmarks/startup.py --file "$file" --runs 3             # star
 step 45 python3 benchmarks/load_memory.py --file "$file" --device cuda --dtypes fp16   # load <= 1.2x read
 step 100 python3 benchmarks/gpu_generate.py --runs 3                        # eager, base, 1024: 0.4x target
 step 80 python3 benchmarks/gpu_generate.py --fp8 --offload model --runs 1   # <= 4 GiB peak at 1024
-step 150 python3 benchmarks/gpu_generate.py --compile --compile-mode default --runs 2   # compiled: 0.65x, warm-up
+step 150 python3 benchmarks/gpu_generate.py --compile --runs 2   # compiled (default mode): 0.65x, warm-up
 step 90 python3 benchmarks/gpu_generate.py --refiner --runs 1               # base + refiner, 40 steps
 step 80 python3 benchmarks/gpu_generate.py --offload sequential --runs 1    # these two only if time is left
 step 100 python3 benchmarks/gpu_generate.py --size 2048 --vae-tiling --offload model --runs 1

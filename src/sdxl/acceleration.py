@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["OFFLOAD_MODES", "FP8Linear", "Offload", "check_modes", "compile_mode", "compile_unet",
+__all__ = ["COMPILE_MODE", "OFFLOAD_MODES", "FP8Linear", "Offload", "check_modes", "compile_unet",
            "cpu_has_bf16_matrix_units", "execution_device", "is_compiled", "store_fp8"]
 
 OFFLOAD_MODES = ("model", "sequential")
@@ -82,20 +82,17 @@ def store_fp8(module: nn.Module) -> int:
 # torch.compile
 
 
-def compile_mode(device: torch.device) -> str:
-    """The torch.compile mode `compile_unet` uses by default on `device`.
-
-    CUDA: "max-autotune-no-cudagraphs", rather than "reduce-overhead" (CUDA graphs). Graphs save
-    kernel launch overhead, but at SDXL's sizes the GPU is busy far longer than the launches take,
-    and they cost elsewhere: they bake in every weight's address (offloaded weights get new ones on
-    every copy in: a re-capture per image), their private memory pool works against the peak-memory
-    goal, and each replay overwrites the last one's outputs. Autotuned convolution and matmul
-    kernels speed up the steps themselves; the tuning results are cached on disk, like the compiled
-    graphs, so the long first compilation is paid once per machine, not per process. Any other mode
-    can be asked for (`compile_unet(unet, mode=...)`, `Pipeline(compile="reduce-overhead")`).
-    CPU: inductor's default mode (no CUDA graphs there; max-autotune only lengthens the compile).
-    """
-    return "max-autotune-no-cudagraphs" if device.type == "cuda" else "default"
+# The torch.compile mode `compile_unet` uses unless told otherwise, on every device: inductor's default.
+# Its fused kernels (norms, activations, adds around cuBLAS / cuDNN / oneDNN calls) are most of what
+# compiling gains for a U-Net, and its first compilation is the shortest of the modes (the first
+# image's warm-up should stay near a minute; inductor caches the graphs on disk for later processes).
+# "max-autotune-no-cudagraphs" benchmarks Triton variants of every matmul and
+# convolution shape first (SDXL compiles of 5-10 minutes are reported; the tuning is cached on disk).
+# "reduce-overhead" / "max-autotune" add CUDA graphs, which save launch overhead that is small next to
+# SDXL's kernels, bake in every weight's address (offloaded weights get new ones each image), keep a
+# private memory pool (against the peak-memory target) and overwrite their outputs on each replay.
+# Any of them can be asked for: `compile_unet(unet, mode=...)`, `Pipeline(compile="max-autotune")`.
+COMPILE_MODE = "default"
 
 
 def compile_unet(unet: nn.Module, *, mode: str | None = None) -> nn.Module:
@@ -109,7 +106,7 @@ def compile_unet(unet: nn.Module, *, mode: str | None = None) -> nn.Module:
     """
     if isinstance(unet.__dict__.get("forward"), Compiled):
         return unet  # already compiled: compiling again would start over
-    mode = mode or compile_mode(execution_device(unet))
+    mode = mode or COMPILE_MODE
     unet.forward = Compiled(torch.compile(unet.forward, fullgraph=True, dynamic=False, mode=mode), mode)
     return unet
 
