@@ -86,8 +86,8 @@ def store_fp8(module: nn.Module) -> int:
 # Its fused kernels (norms, activations, adds around cuBLAS / cuDNN / oneDNN calls) are most of what
 # compiling gains for a U-Net, and its first compilation is the shortest of the modes (the first
 # image's warm-up should stay near a minute; inductor caches the graphs on disk for later processes).
-# "max-autotune-no-cudagraphs" benchmarks Triton variants of every matmul and
-# convolution shape first (SDXL compiles of 5-10 minutes are reported; the tuning is cached on disk).
+# "max-autotune-no-cudagraphs" first benchmarks Triton variants of every matmul and convolution shape
+# (SDXL compiles of 5-10 minutes are reported; the tuning is cached on disk).
 # "reduce-overhead" / "max-autotune" add CUDA graphs, which save launch overhead that is small next to
 # SDXL's kernels, bake in every weight's address (offloaded weights get new ones each image), keep a
 # private memory pool (against the peak-memory target) and overwrite their outputs on each replay.
