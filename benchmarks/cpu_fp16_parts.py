@@ -40,7 +40,7 @@ def main() -> None:
     from sdxl.models.tokenizer import clip_g_tokenizer, clip_l_tokenizer
     from sdxl.models.unet import UNet, micro_conditioning
     from sdxl.models.vae import AutoencoderKL
-    from sdxl.pipeline import encode_prompts
+    from sdxl.conditioning import encode_prompts
     from sdxl.sampling import Denoiser, TrainingSchedule, make_plan
 
     torch.manual_seed(0)

@@ -234,7 +234,7 @@ def main() -> None:
           f"peak memory {results['sdxl']['peak'] / results['diffusers']['peak']:.2f}")
     diff = (results["sdxl"]["image"] - results["diffusers"]["image"]).abs() * 255
     print(f"pixel difference: max {diff.max():.2f}/255, mean {diff.mean():.3f}/255")
-    context = next(iter(ours._text_cache.values()))[0].float().cpu()  # the prompt's (the negative is zeros)
+    context = next(iter(ours.prompts.entries.values()))[0].float().cpu()  # the prompt's (the negative is zeros)
     for what, a, b in (("text context", context, seen.get("ref context")),
                        ("final latents", seen.get("sdxl latents"), seen.get("ref latents"))):
         if a is not None and b is not None:

@@ -138,7 +138,7 @@ import warnings  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 from sdxl.interfaces import cli, metadata, settings  # noqa: E402
-from sdxl.pipeline import GenerationOptions  # noqa: E402
+from sdxl.options import GenerationOptions  # noqa: E402
 
 ALL_FLAGS = [
     "--prompt-2", "p two", "--negative", "n one", "--negative-2", "n two", "--width", "64", "--height", "48",

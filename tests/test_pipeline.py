@@ -20,13 +20,15 @@ from PIL import Image
 
 import sdxl
 from sdxl import images as imaging
-from sdxl.pipeline import GenerationOptions, Pipeline, PrecisionWarning, ResolutionWarning, decode_latents
+from sdxl.latents import PrecisionWarning, decode_latents
+from sdxl.options import GenerationOptions, ResolutionWarning
+from sdxl.pipeline import Pipeline
 from sdxl.sampling import Cancelled
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-pytestmark = pytest.mark.filterwarnings("ignore::sdxl.pipeline.ResolutionWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::sdxl.options.ResolutionWarning")
 
 TOL = 2 / 255
 PROMPT = "a red fox in the snow, detailed photograph"

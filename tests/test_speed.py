@@ -24,7 +24,7 @@ from sdxl.models.unet import UNet, UNetConfig
 from sdxl.models.vae import AutoencoderKL
 from sdxl.pipeline import Pipeline
 
-pytestmark = pytest.mark.filterwarnings("ignore::sdxl.pipeline.ResolutionWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::sdxl.options.ResolutionWarning")
 
 PROMPT = "a red circle on a blue square"
 SETTINGS = dict(width=32, height=24, steps=2, seed=3)

@@ -9,6 +9,7 @@ tensors and plain containers, so opening a file never runs code from it.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 import warnings
@@ -79,7 +80,7 @@ class TensorFile(Mapping[str, Tensor]):
         dtype = self.read_dtype if self.read_dtype is not None and stored.is_floating_point else stored
         # On the CPU floats are converted as they leave the buffer (no second pass). A GPU gets the stored dtype and
         # converts there, tensor by tensor: a copy to a GPU that also converts would convert on the host first.
-        out = torch.empty(_numel(shape), dtype=dtype if self.read_to.type == "cpu" else stored, device=self.read_to)
+        out = torch.empty(math.prod(shape), dtype=dtype if self.read_to.type == "cpu" else stored, device=self.read_to)
         if self._staging is None or self._staging.device != out.device:
             self._staging = Staging(out.device)
         with open(self.paths[i], "rb", buffering=0) as f:
@@ -107,13 +108,6 @@ class TensorFile(Mapping[str, Tensor]):
             if name.startswith(prefix):
                 counts[dt] = counts.get(dt, 0) + 1
         return counts
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 class Staging:
@@ -276,6 +270,11 @@ def _pickle_refusal(e: Exception) -> str:
         return f"it holds more than plain tensors ({detail[:200]})"
     text = " ".join(str(e).split())
     return f"it is corrupt or not a PyTorch checkpoint ({type(e).__name__}: {text[:200]})"
+
+
+def open_shards(files: list[Path]) -> TensorFile | PickledTensors:
+    """One file's tensors, or the tensors of a sharded checkpoint's files as one mapping."""
+    return open_tensors(files[0]) if len(files) == 1 else TensorFile(files)
 
 
 def save_tensors(tensors: Mapping[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:

@@ -8,11 +8,13 @@ looks like a known model family gets a message that names it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import PICKLE_SUFFIXES, open_tensors
+from .files import PICKLE_SUFFIXES, open_shards, open_tensors
 from .keymap import CheckpointError
+from .official import METADATA_KIND
 
 # Where each component lives in the official single-file layout (sd_xl_base_1.0.safetensors, ...).
 OFFICIAL_PREFIXES = {
@@ -73,20 +75,13 @@ class Description:
         return "\n".join(lines)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _component(tensors, name: str, prefix: str, skip: tuple[str, ...] = ()) -> Component:
     names = [k for k in tensors if k.startswith(prefix) and not any(s in k for s in skip)]
     dtypes: dict[str, int] = {}
     for k in names:
         d = str(tensors.dtype(k)).removeprefix("torch.")
         dtypes[d] = dtypes.get(d, 0) + 1
-    return Component(name, sum(_numel(tensors.shape(k)) for k in names), dtypes, list(tensors.paths))
+    return Component(name, sum(math.prod(tensors.shape(k)) for k in names), dtypes, list(tensors.paths))
 
 
 def single_file_kind(tensors) -> str:
@@ -95,7 +90,7 @@ def single_file_kind(tensors) -> str:
     Our own files of non-official sizes (tiny models) say so in their metadata; otherwise the
     U-Net's additional-embedding width tells.
     """
-    kind = getattr(tensors, "metadata", {}).get("sdxl.kind")
+    kind = getattr(tensors, "metadata", {}).get(METADATA_KIND)
     if kind in ("base", "refiner", "inpaint"):
         return "refiner" if kind == "refiner" else "base"
     shape = tensors.shape(LABEL_EMB)
@@ -250,7 +245,7 @@ def _describe_diffusers(folder: Path, variant: str | None = None) -> Description
     components = {}
     for name in parts:
         files = diffusers_weight_files(folder / name, variant)
-        tensors = _open_shards(files)
+        tensors = open_shards(files)
         components[name] = _component(tensors, name, "", skip=("position_ids",))
     notes = []
     unet_config = folder / "unet" / "config.json"
@@ -258,14 +253,6 @@ def _describe_diffusers(folder: Path, variant: str | None = None) -> Description
         kind = "inpaint"
         notes.append("9 input channels: an inpainting U-Net")
     return Description(folder, "diffusers", kind, components, notes)
-
-
-def _open_shards(files: list[Path]):
-    from .files import TensorFile
-
-    if len(files) == 1:
-        return open_tensors(files[0])
-    return TensorFile(files)
 
 
 __all__ = ["describe", "Description", "Component", "OFFICIAL_PREFIXES", "OFFICIAL_IGNORED", "identify_keys", "PICKLE_SUFFIXES"]

@@ -10,49 +10,33 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ..models.clip import CLIPConfig, CLIPTextEncoder
-from ..models.unet import UNet, UNetConfig
-from ..models.vae import AutoencoderKL, VAEConfig
+from .. import dtypes
+from ..models import vae as vae_models
+from ..models.clip import CLIPTextEncoder
+from ..models.specs import MODEL_CLASSES, Components
+from ..models.unet import UNet
+from ..models.vae import AutoencoderKL
 from . import clip_keys, unet_keys, vae_keys
-from .files import TensorFile, open_tensors
+from .files import TensorFile, open_shards, open_tensors
 from .formats import (
     OFFICIAL_IGNORED,
     OFFICIAL_PREFIXES,
     UNET_IN,
     describe_tensors,
-    single_file_kind,
     diffusers_components,
     diffusers_weight_files,
     read_json,
+    single_file_kind,
 )
 from .keymap import CheckpointError, KeyMap, check_shapes, convert
-from .save import METADATA_CONFIGS, METADATA_RECOMMENDED
-from ..models import clip as clip_models, unet as unet_models, vae as vae_models
+from .official import METADATA_RECOMMENDED, official_configs, official_key_maps, saved_configs
 
-
-@dataclass
-class Components:
-    """The models of one SDXL checkpoint. The refiner has no `text_encoder` (CLIP ViT-L)."""
-
-    kind: str  # "base", "refiner" or "inpaint"
-    unet: UNet | None = None
-    vae: AutoencoderKL | None = None
-    text_encoder: CLIPTextEncoder | None = None  # OpenAI CLIP ViT-L/14
-    text_encoder_2: CLIPTextEncoder | None = None  # OpenCLIP ViT-bigG/14
-    scheduler: dict = field(default_factory=dict)  # diffusers scheduler config, when the folder has one
-    # diffusers' SDXL pipelines zero the negative conditioning for an empty negative prompt when the
-    # model says so: the official base does, the official refiner does not.
-    force_zeros_for_empty_prompt: bool = True
-    source: Path | None = None
-    # Generation settings the model's maker recommends (file metadata "sdxl.recommended", e.g. {"cfg": 3.0}); the
-    # pipeline uses them where the user sets nothing.
-    recommended: dict = field(default_factory=dict)
+__all__ = ["Components", "build", "load", "load_diffusers", "load_single_file", "load_vae", "load_vae_file"]
 
 
 class Prefixed(Mapping[str, Tensor]):
@@ -73,14 +57,7 @@ class Prefixed(Mapping[str, Tensor]):
 
 
 def _device_dtype(dtype: torch.dtype | str | None, device: torch.device | str | None) -> tuple[torch.dtype, torch.device]:
-    device = torch.device(device or "cpu")
-    if isinstance(dtype, str):
-        names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-        if dtype not in names:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
-        dtype = names[dtype]
-    return dtype or torch.float32, device
+    return dtypes.torch_dtype(dtype) if dtype is not None else torch.float32, torch.device(device or "cpu")
 
 
 def _choose_reads(tensors: Mapping[str, Tensor], dtype: torch.dtype, device: torch.device) -> None:
@@ -127,61 +104,6 @@ def build(
 # Official single files (sd_xl_base_1.0.safetensors, sd_xl_refiner_1.0.safetensors, fine-tunes).
 
 
-def config_from_dict(cls, values: dict):
-    """A config dataclass from JSON (lists back to tuples)."""
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-CONFIG_CLASSES = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPConfig, "text_encoder_2": CLIPConfig}
-
-
-def saved_configs(tensors: Mapping[str, Tensor]) -> dict[str, object] | None:
-    """The model configs that files we wrote (models of other sizes) carry in their metadata; None if there are none."""
-    saved = getattr(tensors, "metadata", {}).get(METADATA_CONFIGS)
-    if not saved:
-        return None
-    try:
-        return {name: config_from_dict(CONFIG_CLASSES[name], c) for name, c in json.loads(saved).items()}
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise CheckpointError(f"{getattr(tensors, 'path', '?')}: unreadable model configs in the file's metadata ({e})") from None
-
-
-def official_configs(tensors: Mapping[str, Tensor], kind: str) -> dict[str, object]:
-    """The configs of a single file's models: the official presets, with what a file may vary.
-
-    Files we wrote for models of other sizes carry their configs in the metadata.
-    """
-    saved = saved_configs(tensors)
-    if saved:
-        return saved
-    unet_config = unet_models.base if kind == "base" else unet_models.refiner
-    in_channels = tensors.shape(UNET_IN)[1]
-    if in_channels != unet_config.in_channels:  # inpainting fine-tunes: 4 latent + 1 mask + 4 masked-image
-        unet_config = replace(unet_config, in_channels=in_channels)
-    return {
-        "unet": unet_config,
-        "vae": vae_models.base,
-        "text_encoder": clip_models.clip_l,
-        "text_encoder_2": clip_models.clip_g,
-    }
-
-
-OFFICIAL_KEY_MAPS = {  # component -> (key map relative to its prefix, entries that are not weights)
-    "unet": lambda c: (unet_keys.official_unet_keys(c), ()),
-    "vae": lambda c: (vae_keys.official_vae_keys(c), vae_keys.VAE_IGNORED),
-    "text_encoder": lambda c: (clip_keys.transformers_clip_keys(c, prefix="text_model."), clip_keys.TRANSFORMERS_IGNORED),
-    "text_encoder_2": lambda c: (clip_keys.openclip_keys(c), clip_keys.OPENCLIP_IGNORED),
-}
-
-
-def official_key_maps(configs: dict[str, object]) -> dict[str, tuple[KeyMap, tuple[str, ...]]]:
-    """component -> (key map, ignored entries) for the official single-file layout."""
-    return {name: OFFICIAL_KEY_MAPS[name](config) for name, config in configs.items()}
-
-
-MODEL_CLASSES = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": CLIPTextEncoder, "text_encoder_2": CLIPTextEncoder}
-
-
 def load_single_file(
     path: str | Path,
     *,
@@ -207,7 +129,7 @@ def load_official_tensors(tensors, path: Path, *, dtype=None, device=None, compo
     kind = single_file_kind(tensors)
     prefixes = OFFICIAL_PREFIXES[kind]
     _check_no_strays(tensors, prefixes.values(), path)
-    configs = official_configs(tensors, kind)
+    configs = official_configs(tensors, kind, tensors.shape(UNET_IN)[1])
     maps = official_key_maps(configs)
     out = Components(kind=desc.kind, source=path, force_zeros_for_empty_prompt=(kind == "base"),
                      recommended=_recommended(tensors, path))
@@ -272,8 +194,7 @@ def load_vae_file(path: str | Path, *, dtype=None, device=None) -> AutoencoderKL
 
 
 def _open_component(folder: Path, variant: str | None) -> Mapping[str, Tensor]:
-    files = diffusers_weight_files(folder, variant)
-    return open_tensors(files[0]) if len(files) == 1 else TensorFile(files)
+    return open_shards(diffusers_weight_files(folder, variant))
 
 
 def load_unet_diffusers(folder: str | Path, *, dtype=None, device=None, variant: str | None = None) -> UNet:
@@ -353,3 +274,13 @@ def load(
     if path.is_dir():
         return load_diffusers(path, dtype=dtype, device=device, variant=variant, progress=progress)
     return load_single_file(path, dtype=dtype, device=device, progress=progress)
+
+
+def load_vae(path: str | Path, *, dtype: torch.dtype | str | None = None,
+             device: torch.device | str | None = None) -> AutoencoderKL:
+    """A VAE from a standalone file, a diffusers VAE folder, or the vae/ of a diffusers pipeline folder."""
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+        return load_vae_diffusers(folder, dtype=dtype, device=device)
+    return load_vae_file(path, dtype=dtype, device=device)

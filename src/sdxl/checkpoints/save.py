@@ -28,18 +28,13 @@ from torch import Tensor
 
 from .files import save_tensors
 from .formats import OFFICIAL_PREFIXES
+from ..models.specs import COMPONENTS
 from .keymap import CheckpointError, invert
-
-METADATA_KIND = "sdxl.kind"
-METADATA_CONFIGS = "sdxl.configs"
-METADATA_RECOMMENDED = "sdxl.recommended"  # generation settings for this model, e.g. {"cfg": 3.0}
-COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+from .official import METADATA_CONFIGS, METADATA_KIND, METADATA_RECOMMENDED, official_key_maps
 
 
 def official_layout(components, dtype: torch.dtype | None = torch.float16) -> dict[str, torch.Tensor]:
     """The state of `components` under the official single-file names (floats cast to `dtype`)."""
-    from .load import official_key_maps
-
     layout = "refiner" if components.kind == "refiner" else "base"
     prefixes = OFFICIAL_PREFIXES[layout]
     present = {name: getattr(components, name) for name in COMPONENTS if getattr(components, name, None) is not None}

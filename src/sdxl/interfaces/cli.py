@@ -155,7 +155,7 @@ def _open_image(flag: str, path: str | None, mode: str):
 
 
 def _generation_options(settings: dict, prompt: str):
-    from ..pipeline import GenerationOptions
+    from ..options import GenerationOptions
 
     fields = {k: v for k, v in settings.items() if k not in MODEL_SETTINGS}
     fields["prompt"] = prompt
@@ -179,7 +179,7 @@ def _read_prompts(path: str) -> list[str]:
 
 
 def _resolve(name: str | None, allow_download: bool):
-    from ..pipeline import resolve_path
+    from ..checkpoints.paths import resolve_path
     from .settings import ALLOW_DOWNLOAD_ENV
 
     if name is None:

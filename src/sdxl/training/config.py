@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..dtypes import NAMES
+
 OBJECTIVES = ("epsilon", "v_prediction")
 PRECISIONS = ("no", "bf16", "fp16")
 INITS = ("tiny", "tiny_refiner")
-SAVE_DTYPES = ("fp16", "bf16", "fp32")
+SAVE_DTYPES = NAMES  # sdxl.dtypes: fp16, bf16, fp32
 PARALLEL = ("ddp", "fsdp")
 # Linear layers of the U-Net's transformers that LoRA may wrap (suffixes of module names).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")

@@ -42,16 +42,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoints.load import Components
+from .. import dtypes
 from ..checkpoints.save import save_single_file
-from ..pipeline import encode_prompts
+from ..conditioning import PENULTIMATE, encode_prompts, micro_value_count
+from ..models import specs
+from ..models.specs import Components
 from ..models.unet import TimestepSequential, UNet, micro_conditioning
 from ..sampling.schedules import TrainingSchedule
 from . import lora as lora_lib
 from .config import TrainConfig, load_config
 
-HIDDEN_LAYER = -2  # SDXL conditions on the penultimate layer of both text encoders
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,37 +95,11 @@ def _barrier(d: Dist) -> None:
 def build_components(cfg: TrainConfig, device: torch.device) -> Components:
     """The checkpoint to fine-tune (float32), or tiny models with random weights (seeded)."""
     if cfg.model is not None:
-        from ..pipeline import resolve_path
         from ..checkpoints.load import load
+        from ..checkpoints.paths import resolve_path
 
         return load(resolve_path(cfg.model), dtype=torch.float32, device=device)
-    from ..models import clip, unet, vae
-    from ..models.clip import CLIPTextEncoder
-    from ..models.vae import AutoencoderKL
-
-    torch.manual_seed(cfg.seed)
-    refiner = cfg.init == "tiny_refiner"
-    parts = Components(
-        kind="refiner" if refiner else "base",
-        unet=UNet(unet.tiny_refiner if refiner else unet.tiny),
-        vae=AutoencoderKL(vae.tiny),
-        text_encoder=None if refiner else CLIPTextEncoder(clip.clip_l_tiny),
-        text_encoder_2=CLIPTextEncoder(clip.clip_g_tiny),
-        force_zeros_for_empty_prompt=not refiner,
-    )
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        if getattr(parts, name) is not None:
-            setattr(parts, name, getattr(parts, name).to(device).eval().requires_grad_(False))
-    return parts
-
-
-def micro_values(unet: UNet, pooled_width: int) -> int:
-    """How many micro-conditioning numbers the U-Net's y holds: 6 (base) or 5 (refiner)."""
-    c = unet.config
-    n = (c.adm_in_channels - pooled_width) // c.addition_time_embed_dim
-    if n * c.addition_time_embed_dim + pooled_width != c.adm_in_channels or n not in (5, 6):
-        raise ValueError(f"U-Net label width {c.adm_in_channels} does not fit pooled text {pooled_width} + 5 or 6 values")
-    return n
+    return specs.build_components(specs.SPECS[cfg.init], cfg.seed, device=device)
 
 
 def enable_gradient_checkpointing(unet: UNet) -> None:
@@ -197,7 +171,7 @@ class Trainee(nn.Module):
         with contextlib.nullcontext() if self.train_text and torch.is_grad_enabled() else torch.no_grad():
             # The same conditioning as generation (the refiner has no CLIP ViT-L: text_encoder None).
             context, pooled = encode_prompts(self.text_encoder, self.text_encoder_2, captions, captions,
-                                             hidden_layer=HIDDEN_LAYER, device=device)
+                                             hidden_layer=PENULTIMATE, device=device)
         if self.zero_empty:
             keep = torch.tensor([bool(c) for c in captions], device=device, dtype=context.dtype)
             context, pooled = context * keep[:, None, None], pooled * keep[:, None]
@@ -399,7 +373,7 @@ def save_checkpoint(folder: Path, cfg: TrainConfig, parts: Components, trainee: 
     folder.mkdir(parents=True, exist_ok=True)
     # Every process keeps its own random streams.
     save_file({"generator": gen.get_state().cpu(), "torch": torch.get_rng_state()}, str(folder / f"rng_rank{d.rank}.safetensors"))
-    dtype = DTYPES[cfg.save_dtype]
+    dtype = dtypes.torch_dtype(cfg.save_dtype)
     for suffix, values in [("", None)] + ([("_ema", ema)] if ema is not None else []):
         with _swapped(params, values):
             if cfg.lora and d.main:
@@ -537,7 +511,7 @@ def train(cfg: TrainConfig, *, loader: Loader | None = None, progress: bool = Tr
     unet = parts.unet
     if not cfg.lora:  # record the training resolution: the pipeline's default size for this model
         unet.config = dataclasses.replace(unet.config, sample_size=cfg.resolution // 8)
-    n_micro = micro_values(unet, parts.text_encoder_2.config.projection_dim or parts.text_encoder_2.config.width)
+    n_micro = micro_value_count(unet.config, parts.text_encoder_2.config.projection_dim or parts.text_encoder_2.config.width)
     if cfg.lora:
         lora_lib.add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         for p in lora_lib.lora_parameters(unet):
@@ -571,7 +545,7 @@ def train(cfg: TrainConfig, *, loader: Loader | None = None, progress: bool = Tr
     torch.manual_seed(cfg.seed + d.rank)
     alphas = TrainingSchedule.from_diffusers(parts.scheduler).alphas_cumprod().float().to(d.device)
     def autocast() -> torch.autocast:
-        return torch.autocast(d.device.type, dtype=DTYPES.get(cfg.mixed_precision, torch.float32),
+        return torch.autocast(d.device.type, dtype=dtypes.torch_dtype(cfg.mixed_precision) if cfg.mixed_precision != "no" else torch.float32,
                               enabled=cfg.mixed_precision != "no")
 
     batches = Batches(*(loader or default_loader)(cfg, d.rank, d.world), num_workers=cfg.num_workers)

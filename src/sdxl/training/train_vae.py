@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoints.load import load_vae_file
-from ..checkpoints.save import METADATA_CONFIGS
+from ..checkpoints.official import METADATA_CONFIGS
 from ..models import vae as vae_models
 from ..models.vae import AutoencoderKL, VAEConfig
 
@@ -123,26 +123,13 @@ def save_vae(vae: AutoencoderKL, path: str | Path, dtype: torch.dtype = torch.fl
 
 def init_checkpoint(vae: AutoencoderKL, path: str | Path, init: str = "tiny", seed: int = 0,
                     dtype: torch.dtype = torch.float32) -> None:
-    """A single-file tiny base ('tiny') or refiner ('tiny_refiner'): random U-Net and CLIPs, built exactly as
-    `sdxl.training.train.build_components` builds them for `init`, `seed`, but with this (trained) VAE."""
-    from ..checkpoints.load import Components
+    """A single-file tiny base ('tiny') or refiner ('tiny_refiner'): the random U-Net and CLIPs that
+    `sdxl.training.train` builds for `init = ...` and `seed`, with this (trained) VAE in place of the random one."""
     from ..checkpoints.save import save_single_file
-    from ..models import clip, unet
-    from ..models.clip import CLIPTextEncoder
-    from ..models.unet import UNet
+    from ..models import specs
 
-    torch.manual_seed(seed)
-    refiner = init == "tiny_refiner"
-    u = UNet(unet.tiny_refiner if refiner else unet.tiny)
-    AutoencoderKL(vae.config)  # consume the same random numbers as build_components does
-    parts = Components(
-        kind="refiner" if refiner else "base",
-        unet=u,
-        vae=vae,
-        text_encoder=None if refiner else CLIPTextEncoder(clip.clip_l_tiny),
-        text_encoder_2=CLIPTextEncoder(clip.clip_g_tiny),
-        force_zeros_for_empty_prompt=not refiner,
-    )
+    parts = specs.build_components(specs.SPECS[init], seed)
+    parts.vae = vae
     save_single_file(parts, path, dtype=dtype)
 
 
