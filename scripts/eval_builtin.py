@@ -19,7 +19,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 def prompts(n: int) -> list[tuple[str, str, str]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import types
 from pathlib import Path
 
@@ -11,6 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from conftest import randomize
 
 from sdxl.checkpoints.clip_keys import (
     OPENCLIP_EXTRAS,
@@ -56,23 +57,6 @@ def tiny_hf_config(
     )
     config._attn_implementation = attn  # "eager": transformers' own mask + softmax, independent of SDPA
     return config
-
-
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Weights that give unit-scale activations (the default 0.02 init makes everything tiny)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * r)
-            elif p.ndim == 1:
-                p.copy_(0.2 * r)
-            elif "embedding" in name:
-                p.copy_(r)
-            else:
-                p.copy_(r / math.sqrt(p.shape[1]))
-    return model.eval()
 
 
 def sdxl_tokens(lengths: list[int], *, pad: int, eos: int = EOS, seed: int = 0) -> torch.Tensor:

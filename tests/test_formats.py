@@ -20,17 +20,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from conftest import tiny_components
+
 from sdxl.checkpoints import clip_keys, unet_keys, vae_keys
 from sdxl.checkpoints.files import PickledTensors, Staging, TensorFile, open_tensors, read_safetensors_header
 from sdxl.checkpoints.formats import describe, describe_tensors, diffusers_weight_files
 from sdxl.checkpoints.keymap import CheckpointError, invert
 from sdxl.checkpoints.load import Components, load_diffusers, load_official_tensors, load_single_file
 from sdxl.checkpoints.save import official_layout, save_single_file
-from sdxl.models import clip as clip_models
 from sdxl.models import unet as unet_models
 from sdxl.models import vae as vae_models
-from sdxl.models.clip import CLIPTextEncoder
-from sdxl.models.unet import UNet
 from sdxl.models.vae import AutoencoderKL
 
 MANIFESTS = Path(__file__).parent / "data" / "checkpoint-keys"
@@ -44,25 +43,6 @@ TE2_BASE = "conditioner.embedders.1.model."
 
 def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def tiny_components(kind: str = "base", seed: int = 0, unet_config=None) -> Components:
-    """Randomly initialised tiny SDXL models on CPU (seeded, so reproducible)."""
-    torch.manual_seed(seed)
-    if kind == "refiner":
-        return Components(
-            kind="refiner",
-            unet=UNet(unet_config or unet_models.tiny_refiner),
-            vae=AutoencoderKL(vae_models.tiny),
-            text_encoder_2=CLIPTextEncoder(clip_models.clip_g_tiny),
-        )
-    return Components(
-        kind=kind,
-        unet=UNet(unet_config or unet_models.tiny),
-        vae=AutoencoderKL(vae_models.tiny),
-        text_encoder=CLIPTextEncoder(clip_models.clip_l_tiny),
-        text_encoder_2=CLIPTextEncoder(clip_models.clip_g_tiny),
-    )
 
 
 def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -567,7 +547,7 @@ def test_no_such_file_and_folder_given_as_file(tmp_path):
 def ckpt_parts():
     """Tiny models whose U-Net takes SDXL's 2816-wide additional embedding (so the kind is readable
     from the shapes alone: pickles carry no metadata)."""
-    return tiny_components("base", seed=3, unet_config=replace(unet_models.tiny, adm_in_channels=2816))
+    return tiny_components("base", seed=3, unet=replace(unet_models.tiny, adm_in_channels=2816))
 
 
 @pytest.mark.parametrize("wrapped, legacy", [(True, False), (False, True)])

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import randomize
+
 from sdxl.checkpoints import load as loading
 from sdxl.checkpoints.files import open_tensors
 from sdxl.checkpoints.keymap import CheckpointError
@@ -25,15 +27,6 @@ transformers = pytest.importorskip("transformers")
 from diffusers.loaders import single_file_utils as sfu  # noqa: E402
 
 MANIFESTS = Path(__file__).parent / "data" / "checkpoint-keys"
-
-
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Weights of unit-ish scale, so that a swapped or missing tensor changes the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
 
 
 def unet_config(refiner: bool) -> dict:
@@ -75,9 +68,9 @@ def clip_config(width: int, act: str, projection: int | None = None):
 def make_reference_folder(root: Path, refiner: bool) -> dict[str, dict[str, torch.Tensor]]:
     """A diffusers-format SDXL folder of small random reference models; returns their state dicts."""
     models = {
-        "unet": randomize(diffusers.UNet2DConditionModel(**unet_config(refiner)), 1),
-        "vae": randomize(diffusers.AutoencoderKL(**VAE_CONFIG), 2),
-        "text_encoder_2": randomize(transformers.CLIPTextModelWithProjection(clip_config(64, "gelu", 64)), 4),
+        "unet": randomize(diffusers.UNet2DConditionModel(**unet_config(refiner)), 1, scale=0.2),
+        "vae": randomize(diffusers.AutoencoderKL(**VAE_CONFIG), 2, scale=0.2),
+        "text_encoder_2": randomize(transformers.CLIPTextModelWithProjection(clip_config(64, "gelu", 64)), 4, scale=0.2),
     }
     index = {
         "_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
@@ -88,7 +81,7 @@ def make_reference_folder(root: Path, refiner: bool) -> dict[str, dict[str, torc
         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
     }
     if not refiner:
-        models["text_encoder"] = randomize(transformers.CLIPTextModel(clip_config(32, "quick_gelu")), 3)
+        models["text_encoder"] = randomize(transformers.CLIPTextModel(clip_config(32, "quick_gelu")), 3, scale=0.2)
     for name, model in models.items():
         model.save_pretrained(root / name)
     (root / "model_index.json").write_text(json.dumps(index))

@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 
 import sdxl
+from conftest import randomize
+
 from sdxl import images as imaging
 from sdxl.latents import PrecisionWarning, decode_latents
 from sdxl.options import GenerationOptions, ResolutionWarning
@@ -42,14 +44,6 @@ SCHEDULER = {  # the official SDXL base scheduler_config.json
 }
 
 
-def randomize(model: torch.nn.Module, seed: int, scale: float = 0.2) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model
-
-
 def unet(kind: str) -> torch.nn.Module:
     common = dict(
         sample_size=8, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
@@ -63,7 +57,7 @@ def unet(kind: str) -> torch.nn.Module:
     else:
         config = dict(common, in_channels=9 if kind == "inpaint" else 4, cross_attention_dim=32 + 64,
                       projection_class_embeddings_input_dim=64 + 6 * 8)
-    model = randomize(diffusers.UNet2DConditionModel(**config), {"base": 1, "refiner": 11, "inpaint": 21}[kind])
+    model = randomize(diffusers.UNet2DConditionModel(**config), {"base": 1, "refiner": 11, "inpaint": 21}[kind], scale=0.2)
     with torch.no_grad():  # a modest noise prediction, so that images are neither flat nor saturated
         model.conv_out.weight.mul_(0.5)
         model.conv_out.bias.zero_()
@@ -76,7 +70,7 @@ def vae() -> torch.nn.Module:
         norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         scaling_factor=0.13025, force_upcast=True,
     )
-    return randomize(model, 2, 0.2)
+    return randomize(model, 2, scale=0.2)
 
 
 def clip(width: int, act: str, projection: bool, seed: int):
@@ -85,7 +79,7 @@ def clip(width: int, act: str, projection: bool, seed: int):
         max_position_embeddings=77, hidden_act=act, projection_dim=width, eos_token_id=2, pad_token_id=1, bos_token_id=0,
     )
     cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
-    return randomize(cls(config), seed, 0.3)
+    return randomize(cls(config), seed, scale=0.3)
 
 
 def tokenizers(root: Path):
@@ -462,7 +456,7 @@ def test_half_precision_vae_overflow_is_decoded_again_in_float32(models):
 
 def test_load_with_a_replacement_vae_and_hub_ids(models, tmp_path):
     other = vae()
-    randomize(other, 99, 0.2)
+    randomize(other, 99, scale=0.2)
     other.save_pretrained(tmp_path / "vae")
     pipe = sdxl.load(models["base"][1], vae=tmp_path / "vae", dtype="float32", device="cpu")
     ours_vae = pipe.base.vae.state_dict()

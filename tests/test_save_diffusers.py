@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import randomize, tiny_components
+
 from sdxl.checkpoints import save as saving
 from sdxl.checkpoints.files import read_safetensors_header
 from sdxl.checkpoints.formats import describe
@@ -54,31 +56,6 @@ PROMPTS = ["a photo of a cat", "Hello, World! wow!!", "<|startoftext|>x<|endofte
 # Helpers.
 
 
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Perturb every parameter (norm weights and biases included), so that no two are alike and a
-    swapped tensor changes the state and the outputs, while keeping activations of unit scale."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g)).add_(0.02 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
-def tiny_components(kind: str = "base", seed: int = 0) -> Components:
-    torch.manual_seed(seed)
-    if kind == "refiner":
-        parts = dict(unet=UNet(unet_models.tiny_refiner), vae=AutoencoderKL(vae_models.tiny),
-                     text_encoder_2=CLIPTextEncoder(clip_models.clip_g_tiny))
-    else:
-        unet_config = replace(unet_models.tiny, in_channels=9) if kind == "inpaint" else unet_models.tiny
-        parts = dict(unet=UNet(unet_config), vae=AutoencoderKL(vae_models.tiny),
-                     text_encoder=CLIPTextEncoder(clip_models.clip_l_tiny),
-                     text_encoder_2=CLIPTextEncoder(clip_models.clip_g_tiny))
-    for i, model in enumerate(parts.values()):
-        randomize(model, seed * 10 + i)
-    return Components(kind=kind, force_zeros_for_empty_prompt=kind != "refiner", **parts)
-
-
 def assert_same_models(ours: Components, theirs: Components, names, cast: torch.dtype | None = None) -> None:
     for name in names:
         a, b = getattr(ours, name), getattr(theirs, name)
@@ -107,7 +84,7 @@ def assert_close(ours: torch.Tensor, theirs: torch.Tensor, what: str, atol: floa
 
 @pytest.fixture(scope="module")
 def base():
-    return tiny_components("base", seed=0)
+    return tiny_components("base", seed=0, randomized=True)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +96,7 @@ def base_folder(tmp_path_factory, base) -> Path:
 
 @pytest.fixture(scope="module")
 def refiner():
-    return tiny_components("refiner", seed=1)
+    return tiny_components("refiner", seed=1, randomized=True)
 
 
 @pytest.fixture(scope="module")

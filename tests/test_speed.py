@@ -13,15 +13,15 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from conftest import tiny_components
+
 from sdxl.acceleration import Offload, compile_unet, execution_device, is_compiled
 from sdxl.checkpoints.load import Components
 from sdxl.checkpoints.save import save_single_file
 from sdxl.interfaces import cli
-from sdxl.models import clip, unet, vae
-from sdxl.models.clip import CLIPTextEncoder
+from sdxl.models import unet
 from sdxl.models.tokenizer import clip_l_tokenizer
 from sdxl.models.unet import UNet, UNetConfig
-from sdxl.models.vae import AutoencoderKL
 from sdxl.pipeline import Pipeline
 
 pytestmark = pytest.mark.filterwarnings("ignore::sdxl.options.ResolutionWarning")
@@ -39,15 +39,7 @@ MICRO = UNetConfig(
 
 
 def components(unet_config: UNetConfig = unet.tiny) -> Components:
-    torch.manual_seed(0)
-    parts = Components(kind="base", unet=UNet(unet_config), vae=AutoencoderKL(vae.tiny),
-                       text_encoder=CLIPTextEncoder(clip.clip_l_tiny), text_encoder_2=CLIPTextEncoder(clip.clip_g_tiny))
-    with torch.no_grad():
-        for model in models(parts):
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.05)  # no exact zeros anywhere: images with content
-            model.eval().requires_grad_(False)
-    return parts
+    return tiny_components("base", unet=unet_config, randomized=True)
 
 
 def models(parts: Components) -> list[torch.nn.Module]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdxl.models import unet as unet_models
+from sdxl.models import specs, unet as unet_models
 from sdxl.models.unet import UNet
 from sdxl.training import lora
 from sdxl.training.config import TrainConfig, config_from_dict, load_config
@@ -207,8 +207,7 @@ def test_ddp_two_processes_stay_in_sync(data, tmp_path):
     cfg = config(data, tmp_path / "run", batch_size=1, steps=2)
     mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
-    torch.manual_seed(cfg.seed)
-    init = UNet(unet_models.tiny).state_dict()
+    init = specs.build_components(specs.TINY, cfg.seed).unet.state_dict()  # what init = "tiny" starts from
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     assert not all(torch.equal(r0[k], init[k]) for k in r0)  # it did train
     assert (tmp_path / "run" / "checkpoints" / "step_0000002" / "rng_rank1.safetensors").is_file()

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import randomize
+
 from sdxl.checkpoints.keymap import CheckpointError, check_covers, check_shapes, convert, invert
 from sdxl.checkpoints.load import load_unet_diffusers
 from sdxl.checkpoints.unet_keys import (
@@ -73,21 +75,10 @@ TOPOLOGIES = {
 }
 
 
-def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
-    """Weights large enough that every layer matters (default inits leave some outputs tiny)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
-
-
 def _reference(kwargs: dict, folder: Path) -> UNet2DConditionModel:
     torch.manual_seed(0)
     model = UNet2DConditionModel(**kwargs)
-    _randomize(model)
+    randomize(model, 0)
     model.save_pretrained(folder, safe_serialization=True)
     return model.eval()
 

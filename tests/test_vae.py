@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from conftest import randomize
+
 from sdxl.checkpoints.keymap import CheckpointError, check_covers, check_shapes, convert, invert
 from sdxl.checkpoints.load import load_vae_diffusers
 from sdxl.checkpoints.vae_keys import (
@@ -38,19 +40,6 @@ SMALL = dict(
     latent_channels=4,
     scaling_factor=0.13025,
 )
-
-
-def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Weights ~ N(0, 1/fan_in), norm scales ~ N(1, 0.1), biases ~ N(0, 0.1): activations stay unit-scale
-    and every parameter (norm affine and biases included) affects the output."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + (0.0 if name.endswith("bias") else 1.0))
-    return module.eval()
 
 
 def meta_model(config: VAEConfig) -> AutoencoderKL:

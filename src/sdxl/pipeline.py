@@ -5,34 +5,30 @@
 
 Every mode runs the same steps (`Pipeline.run`):
 
-1. prompts -> conditioning (`sdxl.conditioning`): the penultimate hidden states of CLIP ViT-L (`prompt`) and OpenCLIP
-   bigG (`prompt_2`, default `prompt`) concatenated (B, 77, 2048), and y = bigG's projected pooled
-   output + sinusoidal embeddings of the micro-conditioning numbers: original (h, w), crop (top,
-   left), target (h, w) for the base; original (h, w), crop (top, left), aesthetic score for the
-   refiner (bigG only, 1280 wide). With guidance, the negative prompt's conditioning is computed
-   the same way, or is all zeros when the negative prompts are empty and the model asks for that
-   (`force_zeros_for_empty_prompt`: the official base does, the refiner does not).
-2. starting latents (`sdxl.latents`): per image i, a CPU generator seeded with `seed + i` gives (in this order) the
-   VAE sample of the init image (img2img / inpaint), the initial noise (1, 4, H/8, W/8) in float32,
-   and the VAE sample of the masked image (inpaint), which is how diffusers' SDXL pipelines consume
-   a list of CPU generators. So a seed gives the same image on any device, and image i of a batch
-   is the single image of seed + i.
-3. `sdxl.sampling.sample` runs the sampler; the model function does classifier-free guidance (and
-   guidance rescale) on the U-Net's eps / v prediction. Inpainting with an ordinary 4-channel U-Net
-   blends, after each step, the kept region back from the init latents noised to the next noise
-   level; a 9-channel inpainting U-Net gets the mask and the masked image's latents as extra input
-   channels instead.
+1. prompts -> conditioning (`sdxl.conditioning`): the penultimate hidden states of CLIP ViT-L
+   (`prompt`) and OpenCLIP bigG (`prompt_2`, default `prompt`) concatenated (B, 77, 2048), and
+   y = bigG's pooled output + embeddings of the micro-conditioning numbers; the negative prompt's
+   the same way, or zeros where the model asks for that.
+2. starting latents (`sdxl.latents`): per image i, a CPU generator seeded with `seed + i`, consumed
+   in diffusers' order; so a seed gives the same image on any device, and image i of a batch is
+   the single image of seed + i.
+3. `sdxl.sampling.sample` runs the sampler; the model function (`guided_unet`) does classifier-free
+   guidance (and guidance rescale) on the U-Net's eps / v prediction. Inpainting with an ordinary
+   4-channel U-Net blends, after each step, the kept region back from the init latents noised to
+   the next noise level; a 9-channel inpainting U-Net gets the mask and the masked image's latents
+   as extra input channels instead.
 4. base -> refiner: the base stops at `refiner_switch` of the schedule and the refiner finishes
    from its latents, not decoded in between.
-5. decoding (`sdxl.latents`): in the VAE's dtype; an image that comes out non-finite (the official VAE overflows
-   in float16) is decoded again in float32, with a warning.
+5. decoding (`sdxl.latents`): in the VAE's dtype; an image that comes out non-finite (the official
+   VAE overflows in float16) is decoded again in float32, with a warning.
 
-What a call can set is `sdxl.options.GenerationOptions`. Micro-conditioning sizes are (height, width) and the crop is (top, left), as in the SDXL paper and
-diffusers. Differences from diffusers, on purpose: an empty negative prompt ("") counts as no
-negative prompt (diffusers zeroes only for None); `clip_skip` applies to the negative prompt too; the
-refiner's bigG encoder reads `prompt_2` (diffusers gives it `prompt`); negative micro-conditioning
-values default to the positive ones wherever they are not given; image i of a batch never depends
-on the batch size (diffusers' inpainting encodes a shared init image with the first generator only).
+What a call can set is `sdxl.options.GenerationOptions`. Micro-conditioning sizes are (height, width)
+and the crop is (top, left), as in the SDXL paper and diffusers. Differences from diffusers, on
+purpose: an empty negative prompt ("") counts as no negative prompt (diffusers zeroes only for
+None); `clip_skip` applies to the negative prompt too; the refiner's bigG encoder reads `prompt_2`
+(diffusers gives it `prompt`); negative micro-conditioning values default to the positive ones
+wherever they are not given; image i of a batch never depends on the batch size (diffusers'
+inpainting encodes a shared init image with the first generator only).
 """
 
 from __future__ import annotations
@@ -284,8 +280,8 @@ class Pipeline:
             latents = encode_image(model.vae, run.init, run.generators, tiled=o.vae_tiling).to(device)
             return sampling.add_noise(latents, initial_noise(run.generators, shape, device), plan)
         run.inpaint, x = inpaint_start(
-            model.vae, run.init, run.mask, run.generators, plan, shape, nine_channels=model.unet.config.in_channels == 9,
-            full=o.strength == 1.0, tiled=o.vae_tiling, device=device,
+            model.vae, run.init, run.mask, run.generators, plan, shape,
+            nine_channels=model.unet.config.in_channels == 9, full=o.strength == 1.0, tiled=o.vae_tiling, device=device,
         )
         return x
 
@@ -355,9 +351,9 @@ def _stages(model: Components, refiner: Components | None, o: GenerationOptions,
 # Loading.
 
 
-def load(model: str | Path, refiner: str | Path | None = None, *, device=None, dtype=None, vae: str | Path | None = None,
-         variant: str | None = None, compile: bool | str = False, offload: str | None = None, fp8: bool = False,
-         progress: Callable[[str], None] | None = None) -> Pipeline:
+def load(model: str | Path, refiner: str | Path | None = None, *, device=None, dtype=None,
+         vae: str | Path | None = None, variant: str | None = None, compile: bool | str = False,
+         offload: str | None = None, fp8: bool = False, progress: Callable[[str], None] | None = None) -> Pipeline:
     """Load a model (and a refiner) into a `Pipeline`.
 
     model / refiner: an official-layout single file, a diffusers folder, a built-in model name ("builtin",

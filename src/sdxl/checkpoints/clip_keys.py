@@ -97,6 +97,28 @@ def detect_transformers_prefix(keys: Iterable[str]) -> str:
 _ACTIVATIONS = ("quick_gelu", "gelu")
 
 
+def _has_projection(
+    config: dict[str, Any], with_projection: bool | None, keys: Iterable[str] | None, where: str
+) -> bool:
+    """Whether the model has a text projection, from every source given; they must agree (see the caller)."""
+    votes: dict[str, bool] = {}  # who says -> has a projection
+    if with_projection is not None:
+        votes["the caller"] = with_projection
+    if keys is not None:
+        votes["the weights"] = "text_projection.weight" in set(keys)
+    archs = config.get("architectures")
+    if archs:
+        if archs[0] not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+            raise CheckpointError(f"{where}: unsupported architecture {archs[0]!r}")
+        votes["architectures"] = archs[0] == "CLIPTextModelWithProjection"
+    if not votes:
+        raise CheckpointError(f"{where}: no 'architectures'; say whether the model has a text projection")
+    if len(set(votes.values())) > 1:
+        said = ", ".join(f"{k}: {'with' if v else 'without'}" for k, v in votes.items())
+        raise CheckpointError(f"{where}: conflicting answers on whether there is a text projection ({said})")
+    return next(iter(votes.values()))
+
+
 def clip_config_from_transformers(
     config: dict[str, Any], *, with_projection: bool | None = None, keys: Iterable[str] | None = None
 ) -> CLIPConfig:
@@ -115,22 +137,7 @@ def clip_config_from_transformers(
     model_type = config.get("model_type", "clip_text_model")
     if model_type != "clip_text_model":
         raise CheckpointError(f"{where}: model_type {model_type!r} is not 'clip_text_model'")
-    votes: dict[str, bool] = {}  # who says -> has a projection
-    if with_projection is not None:
-        votes["the caller"] = with_projection
-    if keys is not None:
-        votes["the weights"] = "text_projection.weight" in set(keys)
-    archs = config.get("architectures")
-    if archs:
-        if archs[0] not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
-            raise CheckpointError(f"{where}: unsupported architecture {archs[0]!r}")
-        votes["architectures"] = archs[0] == "CLIPTextModelWithProjection"
-    if not votes:
-        raise CheckpointError(f"{where}: no 'architectures'; say whether the model has a text projection")
-    if len(set(votes.values())) > 1:
-        said = ", ".join(f"{k}: {'with' if v else 'without'}" for k, v in votes.items())
-        raise CheckpointError(f"{where}: conflicting answers on whether there is a text projection ({said})")
-    with_projection = next(iter(votes.values()))
+    with_projection = _has_projection(config, with_projection, keys, where)
     act = config.get("hidden_act", "quick_gelu")
     if act not in _ACTIVATIONS:
         raise CheckpointError(f"{where}: hidden_act {act!r} is not supported (only {', '.join(_ACTIVATIONS)})")

@@ -215,11 +215,31 @@ def save_diffusers(
     written under a temporary name next to `folder` and renamed when complete, so a failure
     leaves no half-written folder; an existing non-empty `folder` is never overwritten.
     """
-    from ..models.tokenizer import write_transformers_files
-
     folder = Path(folder)
     if variant is not None and (not variant or any(c in variant for c in "/\\.") or variant != variant.strip()):
         raise ValueError(f"variant {variant!r}: expected a plain name such as 'fp16'")
+    models = _diffusers_models(components)
+    # Configs diffusers cannot express are refused here, before anything is written.
+    configs = {name: diffusers_config(name, model.config) for name, model in models.items()}
+    _check_target(folder)
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    where = folder.absolute()  # "." has no name to derive a sibling's from
+    tmp = where.with_name(f".{where.name}.{uuid.uuid4().hex[:8]}.partial")
+    os.mkdir(tmp)  # plain mkdir: the umask's permissions, which the final folder keeps
+    try:
+        _write_diffusers(tmp, components, models, configs, dtype, variant)
+        _check_target(folder)  # again: something may have been written there meanwhile
+        if folder.is_dir():
+            folder.rmdir()  # empty; rename() cannot replace a folder on every system
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _diffusers_models(components) -> dict[str, torch.nn.Module]:
+    """The models a diffusers folder of components' kind holds; ValueError when one is missing or extra."""
     parts = diffusers_parts(components.kind)
     missing = [name for name in parts if getattr(components, name, None) is None]
     if missing:
@@ -228,38 +248,29 @@ def save_diffusers(
         )
     if components.kind == "refiner" and components.text_encoder is not None:
         raise ValueError("an SDXL refiner folder has no text_encoder (CLIP ViT-L), but the components hold one")
-    models = {name: getattr(components, name) for name in parts}
-    # Configs diffusers cannot express are refused here, before anything is written.
-    configs = {name: diffusers_config(name, model.config) for name, model in models.items()}
+    return {name: getattr(components, name) for name in parts}
+
+
+def _write_diffusers(tmp: Path, components, models: dict, configs: dict, dtype: torch.dtype | None,
+                     variant: str | None) -> None:
+    """Every file of the folder, into `tmp`."""
+    from ..models.tokenizer import write_transformers_files
+
+    for name, model in models.items():
+        (tmp / name).mkdir()
+        config = dict(configs[name])
+        if DIFFUSERS_CLASSES[name][0] == "transformers":
+            stored = dtype or next(iter(model.state_dict().values())).dtype
+            config["torch_dtype"] = str(stored).removeprefix("torch.")
+        _write_json(tmp / name / "config.json", config)
+        weights = tmp / name / diffusers_weight_name(name, variant)
+        save_tensors(diffusers_tensors(name, model, dtype), weights, metadata={"format": "pt"})
+    index = diffusers_model_index(components)
+    for name, pad in TOKENIZER_PADS.items():
+        if index[name][0] is not None:
+            write_transformers_files(tmp / name, pad_token=pad)
     scheduler = dict(components.scheduler) if components.scheduler else dict(SDXL_SCHEDULER)
     scheduler.setdefault("_class_name", "EulerDiscreteScheduler")
-    index = diffusers_model_index(components)
-    _check_target(folder)
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    where = folder.absolute()  # "." has no name to derive a sibling's from
-    tmp = where.with_name(f".{where.name}.{uuid.uuid4().hex[:8]}.partial")
-    os.mkdir(tmp)  # plain mkdir: the umask's permissions, which the final folder keeps
-    try:
-        for name, model in models.items():
-            (tmp / name).mkdir()
-            config = dict(configs[name])
-            if DIFFUSERS_CLASSES[name][0] == "transformers":
-                stored = dtype or next(iter(model.state_dict().values())).dtype
-                config["torch_dtype"] = str(stored).removeprefix("torch.")
-            _write_json(tmp / name / "config.json", config)
-            weights = tmp / name / diffusers_weight_name(name, variant)
-            save_tensors(diffusers_tensors(name, model, dtype), weights, metadata={"format": "pt"})
-        for name, pad in TOKENIZER_PADS.items():
-            if index[name][0] is not None:
-                write_transformers_files(tmp / name, pad_token=pad)
-        (tmp / "scheduler").mkdir()
-        _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
-        _write_json(tmp / "model_index.json", index)
-        _check_target(folder)  # again: something may have been written there meanwhile
-        if folder.is_dir():
-            folder.rmdir()  # empty; rename() cannot replace a folder on every system
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    (tmp / "scheduler").mkdir()
+    _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
+    _write_json(tmp / "model_index.json", index)

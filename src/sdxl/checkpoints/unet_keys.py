@@ -11,7 +11,7 @@ sgm indices follow from the config:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..models.unet import UNetConfig
@@ -192,9 +192,14 @@ def _depths(value: Any, n_blocks: int, attention: bool, where: str) -> int | tup
     return _compact(per_block)
 
 
-def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
-    """UNetConfig from a diffusers unet/config.json (any SDXL-family UNet2DConditionModel)."""
-    get = lambda key: config.get(key, DIFFUSERS_DEFAULTS[key])  # noqa: E731
+def _getter(config: Mapping[str, Any]) -> Callable[[str], Any]:
+    """A config.json lookup that falls back to diffusers' default (what diffusers itself would use)."""
+    return lambda key: config.get(key, DIFFUSERS_DEFAULTS[key])
+
+
+def _unsupported(config: Mapping[str, Any]) -> list[str]:
+    """Every option of a diffusers unet/config.json that this U-Net cannot build, in words (all at once)."""
+    get = _getter(config)
     problems = []
     for key, allowed in DIFFUSERS_FIXED.items():
         value = config.get(key, allowed[0])
@@ -218,15 +223,18 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
         problems.append(f"{len(down)} down / {len(up)} up block types for {len(widths)} block_out_channels")
     elif any(w % widths[0] for w in widths):
         problems.append(f"block_out_channels={widths} (each must be a multiple of the first)")
-    context = set(_per_level(get("cross_attention_dim"), len(widths), "cross_attention_dim"))
-    if len(context) != 1:
+    if len(set(_per_level(get("cross_attention_dim"), len(widths), "cross_attention_dim"))) != 1:
         problems.append(f"cross_attention_dim={get('cross_attention_dim')} (one text width for all blocks)")
-    if problems:
-        raise CheckpointError("unet config: unsupported by this SDXL U-Net: " + "; ".join(problems))
+    return problems
 
-    n = len(widths)
-    layers = _per_level(get("layers_per_block"), n, "layers_per_block")
-    heads = _per_level(get("num_attention_heads") or get("attention_head_dim"), n, "attention_head_dim")
+
+def _depths_from_diffusers(
+    config: Mapping[str, Any], layers: list[int]
+) -> tuple[tuple[int | tuple[int, ...], ...], tuple[int | tuple[int, ...], ...], int | None]:
+    """(down, up, middle) transformer depths in our form from diffusers' per-block lists and block types."""
+    get = _getter(config)
+    down, up, mid = list(get("down_block_types")), list(get("up_block_types")), get("mid_block_type")
+    n = len(layers)
     depth = _per_level(get("transformer_layers_per_block"), n, "transformer_layers_per_block")
     reverse = get("reverse_transformer_layers_per_block")
     if reverse is None:
@@ -249,6 +257,21 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
         middle = None if mid is None else 0  # UNetMidBlock2D: one ResBlock
     if middle == 0 and mid == "UNetMidBlock2DCrossAttn":
         raise CheckpointError("unet config: a UNetMidBlock2DCrossAttn with 0 transformer layers is not supported")
+    return down_depth, up_depth, middle
+
+
+def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
+    """UNetConfig from a diffusers unet/config.json (any SDXL-family UNet2DConditionModel)."""
+    problems = _unsupported(config)
+    if problems:
+        raise CheckpointError("unet config: unsupported by this SDXL U-Net: " + "; ".join(problems))
+
+    get = _getter(config)
+    widths = list(get("block_out_channels"))
+    n = len(widths)
+    layers = _per_level(get("layers_per_block"), n, "layers_per_block")
+    heads = _per_level(get("num_attention_heads") or get("attention_head_dim"), n, "attention_head_dim")
+    down_depth, up_depth, middle = _depths_from_diffusers(config, layers)
     try:
         return UNetConfig(
             in_channels=get("in_channels"),
@@ -260,7 +283,8 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
             transformer_depth_middle=middle,
             transformer_depth_up=None if up_depth == down_depth else up_depth,
             num_heads=tuple(heads),
-            context_dim=context.pop(),
+            # `_unsupported` checked there is one text width for all blocks
+            context_dim=_per_level(get("cross_attention_dim"), n, "cross_attention_dim")[0],
             adm_in_channels=get("projection_class_embeddings_input_dim"),
             addition_time_embed_dim=get("addition_time_embed_dim"),
             norm_groups=get("norm_num_groups"),
@@ -274,14 +298,10 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
         raise CheckpointError(f"unet config: {e}") from None
 
 
-def unet_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
-    """A diffusers unet/config.json dict for this config (inverse of `unet_config_from_diffusers`)."""
-    c, n = config, config.levels
-    has_attention = [any(c.down_depths(i)) for i in range(n)]
-    has_attention_up = [any(c.up_depths(i)) for i in range(n)]
-    for i in range(n):  # a diffusers block has attention after all of its ResBlocks or after none
-        if any(any(ds) and not all(ds) for ds in (c.down_depths(i), c.up_depths(i))):
-            raise CheckpointError(f"UNetConfig level {i} mixes ResBlocks with and without attention (not in diffusers)")
+def _depths_to_diffusers(
+    c: UNetConfig, has_attention: list[bool], has_attention_up: list[bool]
+) -> tuple[Any, list | None]:
+    """(transformer_layers_per_block, reverse_transformer_layers_per_block) as diffusers writes them."""
     mid = c.transformer_depth_middle
     # diffusers derives the middle depth from the last level's entry; the others' entries of levels
     # without attention are unused (1 is diffusers' default).
@@ -300,7 +320,20 @@ def unet_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
         depth = meaningful[0]  # one number, as the official refiner config writes it
     reverse = None
     if c.transformer_depth_up is not None:
-        reverse = [list(c.up_depths(level)) if has_attention_up[level] else 1 for level in reversed(range(n))]
+        reverse = [list(c.up_depths(level)) if has_attention_up[level] else 1 for level in reversed(range(c.levels))]
+    return depth, reverse
+
+
+def unet_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
+    """A diffusers unet/config.json dict for this config (inverse of `unet_config_from_diffusers`)."""
+    c, n = config, config.levels
+    has_attention = [any(c.down_depths(i)) for i in range(n)]
+    has_attention_up = [any(c.up_depths(i)) for i in range(n)]
+    for i in range(n):  # a diffusers block has attention after all of its ResBlocks or after none
+        if any(any(ds) and not all(ds) for ds in (c.down_depths(i), c.up_depths(i))):
+            raise CheckpointError(f"UNetConfig level {i} mixes ResBlocks with and without attention (not in diffusers)")
+    mid = c.transformer_depth_middle
+    depth, reverse = _depths_to_diffusers(c, has_attention, has_attention_up)
     return {
         "_class_name": "UNet2DConditionModel",
         "sample_size": c.sample_size,

@@ -275,6 +275,36 @@ def make_plan(
     second-order schedulers starts it there. ValueError for unknown names, steps < 1, strength outside
     (0, 1], denoising values outside (0, 1), or a trim that leaves no step.
     """
+    _check_plan_arguments(sampler, schedule, steps, strength, denoising_start, denoising_end)
+    spacing = "trailing" if schedule == "trailing" else training.timestep_spacing
+    t, sigmas = _schedule(training, sampler, schedule, spacing, steps)
+    landing = _landing_sigmas(training, sampler, schedule, steps, t, sigmas)
+    init_noise_sigma = _init_noise_sigma(sampler, schedule, spacing, sigmas)
+
+    begin, count = _trim(t, sampler, steps, strength, denoising_start, denoising_end, training)
+    keep = slice(begin, begin + count)
+    t, sigmas, landing = t[keep], sigmas[keep], landing[keep]
+    sigmas_to = None
+    if sampler == "ddim" and not torch.equal(landing[:-1], sigmas[1:]):
+        sigmas_to = landing.float()
+    return Plan(
+        sampler=sampler,
+        sigmas=torch.cat([sigmas, landing[-1:]]).float(),
+        timesteps=t.float(),
+        init_noise_sigma=init_noise_sigma,
+        sigmas_to=sigmas_to,
+    )
+
+
+def _check_plan_arguments(
+    sampler: str,
+    schedule: str,
+    steps: int,
+    strength: float,
+    denoising_start: float | None,
+    denoising_end: float | None,
+) -> None:
+    """The ValueErrors `make_plan` documents, before any work is done."""
     _check("sampler", sampler, SAMPLERS)
     _check("schedule", schedule, SCHEDULES)
     if not isinstance(steps, int) or steps < 1:
@@ -287,14 +317,18 @@ def make_plan(
     if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
         raise ValueError(f"denoising_start ({denoising_start}) must be below denoising_end ({denoising_end})")
 
+
+def _schedule(
+    training: TrainingSchedule, sampler: str, schedule: str, spacing: str, steps: int
+) -> tuple[Tensor, Tensor]:
+    """(timesteps, sigmas) of the untrimmed schedule, float64, one per step (no final sigma)."""
     family = FAMILY[sampler]
-    spacing = "trailing" if schedule == "trailing" else training.timestep_spacing
     train_sigmas = training.sigmas().double()  # float32 values
     if schedule in ("default", "trailing"):
         # LCM's own timesteps are its "default"; its "trailing" is the common rule
         t = spaced_timesteps("euler" if family == "lcm" and schedule != "default" else family, spacing, steps, training)
-        sigmas = _interp(t, train_sigmas)
-    elif schedule in ("karras", "exponential"):
+        return t, _interp(t, train_sigmas)
+    if schedule in ("karras", "exponential"):
         if sampler in ("euler", "heun"):
             # diffusers' Euler/Heun span the default spacing's sigmas (with "leading": sigma(1)..sigma(T - ratio + 1))
             spaced = _interp(spaced_timesteps("euler", spacing, steps, training), train_sigmas)
@@ -306,40 +340,32 @@ def make_plan(
         t = sigma_to_t(sigmas, training)
         if schedule == "karras" and family == "dpm":
             t = t.round()  # DPMSolverMultistep rounds its Karras timesteps (and keeps the exact sigmas)
-    else:  # sgm_uniform
-        t = _sgm_uniform_t(steps, training)
-        sigmas = t_to_sigma(t, training)
+        return t, sigmas
+    t = _sgm_uniform_t(steps, training)  # sgm_uniform
+    return t, t_to_sigma(t, training)
 
-    # Where each step lands: the next sigma, and 0 after the last (diffusers' final_sigmas_type="zero").
-    final = torch.zeros(1, dtype=torch.float64)
-    landing = torch.cat([sigmas[1:], final])
+
+def _landing_sigmas(
+    training: TrainingSchedule, sampler: str, schedule: str, steps: int, t: Tensor, sigmas: Tensor
+) -> Tensor:
+    """Where each step lands: the next sigma, and 0 after the last (diffusers' final_sigmas_type="zero")."""
     if sampler == "ddim" and schedule in ("default", "trailing"):
         # DDIMScheduler.step goes to t - T // steps, and past t = 0 to its final alpha
+        train_sigmas = training.sigmas().double()
         prev = t.long() - training.num_train_timesteps // steps
         last = 0.0 if training.set_alpha_to_one else train_sigmas[0].item()
-        landing = torch.where(prev >= 0, train_sigmas[prev.clamp(min=0)], torch.full_like(sigmas, last))
+        return torch.where(prev >= 0, train_sigmas[prev.clamp(min=0)], torch.full_like(sigmas, last))
+    return torch.cat([sigmas[1:], torch.zeros(1, dtype=torch.float64)])
 
-    # Initial noise scale: 1 for the VP schedulers; diffusers' Euler/Heun rule otherwise.
+
+def _init_noise_sigma(sampler: str, schedule: str, spacing: str, sigmas: Tensor) -> float:
+    """Initial noise scale: 1 for the VP schedulers; diffusers' Euler/Heun rule otherwise."""
     sigma_max = sigmas.float()[0].item()
     if sampler in VP_SAMPLERS:
-        init_noise_sigma = 1.0
-    elif schedule != "sgm_uniform" and spacing in ("trailing", "linspace"):
-        init_noise_sigma = sigma_max
-    else:
-        init_noise_sigma = (sigma_max**2 + 1) ** 0.5
-
-    begin, count = _trim(t, sampler, steps, strength, denoising_start, denoising_end, training)
-    t, sigmas, landing = t[begin:begin + count], sigmas[begin:begin + count], landing[begin:begin + count]
-    sigmas_to = None
-    if sampler == "ddim" and not torch.equal(landing[:-1], sigmas[1:]):
-        sigmas_to = landing.float()
-    return Plan(
-        sampler=sampler,
-        sigmas=torch.cat([sigmas, landing[-1:]]).float(),
-        timesteps=t.float(),
-        init_noise_sigma=init_noise_sigma,
-        sigmas_to=sigmas_to,
-    )
+        return 1.0
+    if schedule != "sgm_uniform" and spacing in ("trailing", "linspace"):
+        return sigma_max
+    return (sigma_max**2 + 1) ** 0.5
 
 
 def _trim(

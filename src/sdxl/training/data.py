@@ -35,36 +35,11 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from ..options import SDXL_BUCKETS  # the one table of SDXL's paper buckets; also importable from here
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-# SDXL's multi-aspect buckets, as (height, width) exactly as printed in the SDXL paper, appendix I
-# ("Multi-Aspect Training"; the same 40 entries as kohya-ss/sd-scripts' and PixArt's 1024 lists). Every side is a
-# multiple of 64 and every area is within 10 % of 1024^2. Note the table is not symmetric: it has
-# 704 x 1344 (h x w) but not 1344 x 704.
-_SDXL_PAPER_HW: tuple[tuple[int, int], ...] = (
-    (512, 2048), (512, 1984), (512, 1920), (512, 1856),
-    (576, 1792), (576, 1728), (576, 1664),
-    (640, 1600), (640, 1536),
-    (704, 1472), (704, 1408), (704, 1344),
-    (768, 1344), (768, 1280),
-    (832, 1216), (832, 1152),
-    (896, 1152), (896, 1088),
-    (960, 1088), (960, 1024),
-    (1024, 1024),
-    (1024, 960),
-    (1088, 960), (1088, 896),
-    (1152, 896), (1152, 832),
-    (1216, 832), (1280, 768),
-    (1344, 768), (1408, 704), (1472, 704),
-    (1536, 640), (1600, 640),
-    (1664, 576), (1728, 576), (1792, 576),
-    (1856, 512), (1920, 512), (1984, 512), (2048, 512),
-)  # fmt: skip
-
-SDXL_BUCKETS: tuple[tuple[int, int], ...] = tuple((w, h) for h, w in _SDXL_PAPER_HW)
-"""SDXL's ~1-megapixel buckets as (width, height), from 2048x512 to 512x2048 (SDXL paper, appendix I)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,53 +165,65 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.buckets = buckets(resolution, bucket_multiple)
 
-        meta = self._read_metadata()
-        files = sorted(
-            p for p in self.folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
-        if not files:
-            raise ValueError(f"{self.folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-
         self.paths: list[Path] = []
         self.captions: list[str] = []
         self.sizes: list[tuple[int, int]] = []  # file (width, height), EXIF orientation applied
         self.original_sizes: list[tuple[int, int] | None] = []  # metadata overrides, (h, w)
         self.source_crops: list[tuple[int, int]] = []  # metadata crop of the file from its original
         self.bucket_of: list[tuple[int, int]] = []  # (width, height) per index
+        meta = self._read_metadata()
         missing: list[str] = []
-        for p in files:
+        for p in self._image_files():
             rel = p.relative_to(self.folder).as_posix()
-            entry = meta.get(rel, {})
-            if "text" in entry:
-                text = str(entry["text"])
-            elif p.with_suffix(".txt").is_file():
-                text = p.with_suffix(".txt").read_text(encoding="utf-8").strip()
-            else:
+            if not self._add(p, rel, meta.get(rel, {})):
                 missing.append(rel)
-                text = ""
-            try:
-                with Image.open(p) as im:  # header only: PIL decodes pixels lazily
-                    size = _oriented_size(im)
-            except Exception as e:
-                raise ValueError(f"{p}: cannot read image ({e})") from e
-            self.paths.append(p)
-            self.captions.append(text)
-            self.sizes.append(size)
-            self.original_sizes.append(
-                _pair(entry["original_size"], "original_size", rel) if "original_size" in entry else None
-            )
-            self.source_crops.append(
-                _pair(entry["crop_top_left"], "crop_top_left", rel) if "crop_top_left" in entry else (0, 0)
-            )
-            self.bucket_of.append(nearest_bucket(size[0], size[1], self.buckets))
         if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            if not allow_missing_captions:
-                raise ValueError(
-                    f"{self.folder}: no caption for {shown} (add a sidecar .txt or a metadata.jsonl entry, "
-                    "or pass allow_missing_captions=True to train them with an empty caption)"
-                )
-            log.warning("%s: no caption for %s; training with an empty caption", self.folder, shown)
+            self._report_missing_captions(missing, allow_missing_captions)
+
+    def _image_files(self) -> list[Path]:
+        """Every image under the folder, sorted (so indices are the same on every run and rank)."""
+        files = sorted(
+            p for p in self.folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not files:
+            raise ValueError(f"{self.folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        return files
+
+    def _add(self, p: Path, rel: str, entry: dict) -> bool:
+        """Index one image (its metadata.jsonl `entry` or {}); False when it has no caption (it gets "")."""
+        has_caption = True
+        if "text" in entry:
+            text = str(entry["text"])
+        elif p.with_suffix(".txt").is_file():
+            text = p.with_suffix(".txt").read_text(encoding="utf-8").strip()
+        else:
+            has_caption, text = False, ""
+        try:
+            with Image.open(p) as im:  # header only: PIL decodes pixels lazily
+                size = _oriented_size(im)
+        except Exception as e:
+            raise ValueError(f"{p}: cannot read image ({e})") from e
+        self.paths.append(p)
+        self.captions.append(text)
+        self.sizes.append(size)
+        self.original_sizes.append(
+            _pair(entry["original_size"], "original_size", rel) if "original_size" in entry else None
+        )
+        self.source_crops.append(
+            _pair(entry["crop_top_left"], "crop_top_left", rel) if "crop_top_left" in entry else (0, 0)
+        )
+        self.bucket_of.append(nearest_bucket(size[0], size[1], self.buckets))
+        return has_caption
+
+    def _report_missing_captions(self, missing: list[str], allow: bool) -> None:
+        """ValueError naming the uncaptioned images; with `allow`, a warning (silently empty captions are a trap)."""
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        if not allow:
+            raise ValueError(
+                f"{self.folder}: no caption for {shown} (add a sidecar .txt or a metadata.jsonl entry, "
+                "or pass allow_missing_captions=True to train them with an empty caption)"
+            )
+        log.warning("%s: no caption for %s; training with an empty caption", self.folder, shown)
 
     def _read_metadata(self) -> dict[str, dict]:
         path = self.folder / "metadata.jsonl"

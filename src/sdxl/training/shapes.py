@@ -127,6 +127,14 @@ def _nearest(pixels: np.ndarray) -> np.ndarray:
     return d.argmin(-1)
 
 
+def _sharpness(a: np.ndarray, contrast: float) -> float:
+    """RGB gradient magnitude (forward differences) of (H, W, 3) pixels, energy-weighted mean over the contrast."""
+    gx = np.diff(a, axis=1)[:-1]
+    gy = np.diff(a, axis=0)[:, :-1]
+    g = np.sqrt((gx**2 + gy**2).sum(-1))
+    return float((g**2).sum() / max(g.sum(), 1e-6) / contrast)
+
+
 def measure(image: Image.Image) -> dict:
     """Background / shape colour names, shape class (bounding-box fill ratio), sharpness and cut of an image.
 
@@ -169,18 +177,11 @@ def measure(image: Image.Image) -> dict:
     fill = float(cov.sum()) / float((bottom - top + 1) * (right - left + 1))
     shape = min(_FILL, key=lambda s: abs(_FILL[s] - fill))
 
-    # Sharpness: RGB gradient magnitude (forward differences), energy-weighted mean over the contrast.
-    gx = np.diff(a, axis=1)[:-1]
-    gy = np.diff(a, axis=0)[:, :-1]
-    g = np.sqrt((gx**2 + gy**2).sum(-1))
-    contrast = float(np.linalg.norm(v))
-    sharpness = float((g**2).sum() / max(g.sum(), 1e-6) / contrast)
-
     out.update(
         colour=_PALETTE_NAMES[fg_idx],
         shape=shape,
         fill_ratio=fill,
-        sharpness=sharpness,
+        sharpness=_sharpness(a, contrast=float(np.linalg.norm(v))),
         cut=bool(top == 0 or left == 0 or bottom == h - 1 or right == w - 1),
         foreground_fraction=float(mask.mean()),
         bbox=(int(top), int(left), int(bottom), int(right)),

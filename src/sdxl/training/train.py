@@ -499,20 +499,47 @@ class TrainResult:
     step: int
 
 
-def train(cfg: TrainConfig, *, loader: Loader | None = None, progress: bool = True) -> TrainResult:
-    d = setup_distributed()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if d.main:
-        (out / "config.toml").write_text(cfg.to_toml())
+@dataclass
+class _Run:
+    """Everything one training run carries from step to step."""
 
-    # Models: everything frozen, then the parts that train are unfrozen (or LoRA-wrapped).
+    cfg: TrainConfig
+    d: Dist
+    out: Path
+    parts: Components
+    trainee: Trainee
+    model: nn.Module  # the trainee, or its DDP wrapper
+    n_micro: int  # micro-conditioning values: 6 (base) or 5 (refiner)
+    params: dict[str, nn.Parameter]  # what trains
+    opt: torch.optim.Optimizer
+    scaler: Any  # torch.amp.GradScaler for fp16, else None
+    ema: dict[str, Tensor] | None
+    gen: torch.Generator
+    alphas: Tensor
+    batches: Batches
+    text_cache: TextCache | None
+    latent_cache: LatentCache | None
+    step: int = 0
+
+    @property
+    def sharded(self) -> bool:
+        return _fsdp(self.cfg, self.d)
+
+    def autocast(self) -> torch.autocast:
+        mixed = self.cfg.mixed_precision
+        return torch.autocast(self.d.device.type, dtype=dtypes.torch_dtype(mixed) if mixed != "no" else torch.float32,
+                              enabled=mixed != "no")
+
+
+def _trainable(cfg: TrainConfig, d: Dist) -> tuple[Components, Trainee, nn.Module]:
+    """The models with everything frozen but what trains (or LoRA-wrapped), and the module to call: the
+    trainee, DDP around it, or the trainee sharded in place by FSDP."""
     parts = build_components(cfg, d.device)
     unet = parts.unet
     if not cfg.lora:  # record the training resolution: the pipeline's default size for this model
         unet.config = dataclasses.replace(unet.config, sample_size=cfg.resolution // 8)
-    n_micro = micro_value_count(unet.config, parts.text_encoder_2.config.projection_dim or parts.text_encoder_2.config.width)
     if cfg.lora:
+        torch.manual_seed(cfg.seed)  # LoRA's down-projections are drawn from the global generator: seeded runs
         lora_lib.add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         for p in lora_lib.lora_parameters(unet):
             p.requires_grad_(True)
@@ -526,123 +553,164 @@ def train(cfg: TrainConfig, *, loader: Loader | None = None, progress: bool = Tr
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(unet)
     trainee = Trainee(parts, cfg.train_text_encoders)
-    model: nn.Module = trainee
-    sharded = _fsdp(cfg, d)
-    if sharded:
-        shard_fsdp(trainee, d)  # (replaces the parameters by sharded ones: `params` comes after)
-    elif d.world > 1:
-        model = nn.parallel.DistributedDataParallel(
+    if _fsdp(cfg, d):
+        shard_fsdp(trainee, d)  # (replaces the parameters by sharded ones: `params` are read after this)
+        return parts, trainee, trainee
+    if d.world > 1:
+        return parts, trainee, nn.parallel.DistributedDataParallel(
             trainee, device_ids=[d.device.index] if d.device.type == "cuda" else None,
             find_unused_parameters=cfg.train_text_encoders,  # CLIP-L's last block feeds nothing SDXL uses
         )
+    return parts, trainee, trainee
 
+
+def _start(cfg: TrainConfig, d: Dist, loader: Loader | None) -> _Run:
+    """The models, optimizer, EMA, random streams and data of a run, resumed from a checkpoint if asked."""
+    out = Path(cfg.output_dir)
+    parts, trainee, model = _trainable(cfg, d)
+    te2 = parts.text_encoder_2.config
     params = {k: p for k, p in trainee.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(d.device.type) if cfg.mixed_precision == "fp16" else None
-    ema = {k: p.detach().float().clone() for k, p in params.items()} if cfg.ema_decay is not None else None
-    gen = torch.Generator(d.device).manual_seed(cfg.seed + d.rank)
-    torch.manual_seed(cfg.seed + d.rank)
-    alphas = TrainingSchedule.from_diffusers(parts.scheduler).alphas_cumprod().float().to(d.device)
-    def autocast() -> torch.autocast:
-        return torch.autocast(d.device.type, dtype=dtypes.torch_dtype(cfg.mixed_precision) if cfg.mixed_precision != "no" else torch.float32,
-                              enabled=cfg.mixed_precision != "no")
-
-    batches = Batches(*(loader or default_loader)(cfg, d.rank, d.world), num_workers=cfg.num_workers)
-    text_cache = TextCache(out / "cache" / "text.safetensors") if cfg.cache_text else None
-    latent_cache = LatentCache(out / "cache" / f"latents_rank{d.rank}.safetensors") if cfg.cache_latents else None
-
-    step = 0
+    torch.manual_seed(cfg.seed + d.rank)  # before the loader is built: a custom one may draw from it
+    run = _Run(
+        cfg, d, out, parts, trainee, model, micro_value_count(parts.unet.config, te2.projection_dim or te2.width),
+        params, opt, scaler=torch.amp.GradScaler(d.device.type) if cfg.mixed_precision == "fp16" else None,
+        ema={k: p.detach().float().clone() for k, p in params.items()} if cfg.ema_decay is not None else None,
+        gen=torch.Generator(d.device).manual_seed(cfg.seed + d.rank),
+        alphas=TrainingSchedule.from_diffusers(parts.scheduler).alphas_cumprod().float().to(d.device),
+        batches=Batches(*(loader or default_loader)(cfg, d.rank, d.world), num_workers=cfg.num_workers),
+        text_cache=TextCache(out / "cache" / "text.safetensors") if cfg.cache_text else None,
+        latent_cache=LatentCache(out / "cache" / f"latents_rank{d.rank}.safetensors") if cfg.cache_latents else None,
+    )
     if cfg.resume:
         folder = _latest(out) if cfg.resume == "latest" else Path(cfg.resume)
-        meta = load_checkpoint(folder, cfg, params, opt, scaler, ema, gen, d)
-        step, batches.epoch, batches.index = meta["step"], meta["epoch"], meta["index"]
+        meta = load_checkpoint(folder, cfg, params, opt, run.scaler, run.ema, run.gen, d)
+        run.step, run.batches.epoch, run.batches.index = meta["step"], meta["epoch"], meta["index"]
     else:  # a fresh run starts a fresh curve, and caches made by another model must not leak in
-        for cache in (text_cache, latent_cache):
+        for cache in (run.text_cache, run.latent_cache):
             if cache is not None:
                 cache.items = {}
         if d.main and (out / "loss.csv").exists():
             (out / "loss.csv").unlink()
+    return run
 
+
+def _accumulate(run: _Run) -> Tensor:
+    """Forward and backward over cfg.grad_accum micro-batches; the summed (scaled) loss, on the device."""
+    cfg, d, model = run.cfg, run.d, run.model
+    total = torch.zeros((), device=d.device)
+    for micro in range(cfg.grad_accum):
+        batch = next(run.batches)
+        last = micro == cfg.grad_accum - 1
+        # Only the last micro-batch all-reduces (FSDP: reduce-scatters) gradients.
+        if run.sharded:
+            model.set_requires_gradient_sync(last)
+        sync = contextlib.nullcontext() if last or d.world == 1 or run.sharded else model.no_sync()
+        with sync:
+            text = run.text_cache.get(run.trainee, list(batch["captions"]), d.device) if run.text_cache else None
+            moments = (run.latent_cache.get(run.parts.vae, batch["images"], batch["views"], d.device)
+                       if run.latent_cache else None)
+            loss = diffusion_loss(model, run.parts.vae, batch, cfg, run.alphas, run.gen, run.n_micro, run.autocast,
+                                  text, moments) / cfg.grad_accum
+            (run.scaler.scale(loss) if run.scaler else loss).backward()
+        total += loss.detach()
+    return total
+
+
+def _optimizer_step(run: _Run) -> None:
+    """Clip, step (through the fp16 scaler when there is one), zero the gradients, update the EMA."""
+    cfg, opt, scaler = run.cfg, run.opt, run.scaler
+    if scaler:
+        scaler.unscale_(opt)
+    if cfg.max_grad_norm > 0:
+        nn.utils.clip_grad_norm_(list(run.params.values()), cfg.max_grad_norm)
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        with torch.no_grad():
+            for k, p in run.params.items():
+                run.ema[k].lerp_(p.detach().float(), 1.0 - cfg.ema_decay)
+
+
+def _save(run: _Run) -> Path:
+    """A checkpoint of the current step (and the caches, and the loss plot)."""
+    checkpoint = run.out / "checkpoints" / f"step_{run.step:07d}"
+    save_checkpoint(checkpoint, run.cfg, run.parts, run.trainee, run.params, run.opt, run.scaler, run.ema, run.gen,
+                    {"step": run.step, "epoch": run.batches.epoch, "index": run.batches.index}, run.d)
+    if run.text_cache is not None and run.d.main:
+        run.text_cache.save()
+    if run.latent_cache is not None:  # each process caches the views it sees
+        run.latent_cache.save()
+    if run.d.main:
+        _plot_csv(run.out)
+    return checkpoint
+
+
+class _Log:
+    """loss.csv every log_every steps, and the progress bar's loss, images/s and memory."""
+
+    def __init__(self, run: _Run, progress: bool):
+        self.run, self.rows, self.t = run, [], time.perf_counter()
+        self.bar = None
+        if run.d.main and progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=run.cfg.steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True)
+
+    def step(self, loss: float, lr: float) -> None:
+        run, cfg = self.run, self.run.cfg
+        self.rows.append((run.step, loss, lr))
+        if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+            now = time.perf_counter()
+            rate = len(self.rows) / max(now - self.t, 1e-9)
+            self.t = now
+            if run.d.main:
+                _append_csv(run.out / "loss.csv", self.rows)
+                if self.bar is not None:
+                    images_per_step = cfg.batch_size * cfg.grad_accum * run.d.world
+                    self.bar.set_postfix(loss=f"{sum(r[1] for r in self.rows) / len(self.rows):.4f}",
+                                         img_s=f"{rate * images_per_step:.1f}",
+                                         mem=f"{_peak_memory_gb(run.d.device):.2f}G")
+            self.rows = []
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(cfg: TrainConfig, *, loader: Loader | None = None, progress: bool = True) -> TrainResult:
+    d = setup_distributed()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if d.main:
+        (out / "config.toml").write_text(cfg.to_toml())
+    run = _start(cfg, d, loader)
+    log = _Log(run, progress)
     losses: list[float] = []
     checkpoint: Path | None = None
-    images_per_step = cfg.batch_size * cfg.grad_accum * d.world
-    bar = None
-    if d.main and progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    log_rows: list[tuple] = []
-    t_log = time.perf_counter()
-
-    while step < cfg.steps:
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
-        for group in opt.param_groups:
+    while run.step < cfg.steps:
+        lr = cfg.lr * min(1.0, (run.step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+        for group in run.opt.param_groups:
             group["lr"] = lr
-        total = torch.zeros((), device=d.device)
-        for micro in range(cfg.grad_accum):
-            batch = next(batches)
-            last = micro == cfg.grad_accum - 1
-            # Only the last micro-batch all-reduces (FSDP: reduce-scatters) gradients.
-            if sharded:
-                model.set_requires_gradient_sync(last)
-            sync = contextlib.nullcontext() if last or d.world == 1 or sharded else model.no_sync()
-            with sync:
-                text = text_cache.get(trainee, list(batch["captions"]), d.device) if text_cache else None
-                moments = latent_cache.get(parts.vae, batch["images"], batch["views"], d.device) if latent_cache else None
-                loss = diffusion_loss(model, parts.vae, batch, cfg, alphas, gen, n_micro, autocast, text,
-                                      moments) / cfg.grad_accum
-                (scaler.scale(loss) if scaler else loss).backward()
-            total += loss.detach()
-        if scaler:
-            scaler.unscale_(opt)
-        if cfg.max_grad_norm > 0:
-            nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            with torch.no_grad():
-                for k, p in params.items():
-                    ema[k].lerp_(p.detach().float(), 1.0 - cfg.ema_decay)
-        step += 1
-
+        total = _accumulate(run)
+        _optimizer_step(run)
+        run.step += 1
         if d.world > 1:
             dist.all_reduce(total)
             total /= d.world
-        loss_value = total.item()
-        losses.append(loss_value)
-        log_rows.append((step, loss_value, lr))
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            now = time.perf_counter()
-            rate = len(log_rows) / max(now - t_log, 1e-9)
-            t_log = now
-            if d.main:
-                _append_csv(out / "loss.csv", log_rows)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{sum(r[1] for r in log_rows) / len(log_rows):.4f}",
-                                    img_s=f"{rate * images_per_step:.1f}", mem=f"{_peak_memory_gb(d.device):.2f}G")
-            log_rows = []
-        if bar is not None:
-            bar.update(1)
-
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-            checkpoint = out / "checkpoints" / f"step_{step:07d}"
-            save_checkpoint(checkpoint, cfg, parts, trainee, params, opt, scaler, ema, gen,
-                            {"step": step, "epoch": batches.epoch, "index": batches.index}, d)
-            if text_cache is not None and d.main:
-                text_cache.save()
-            if latent_cache is not None:  # each process caches the views it sees
-                latent_cache.save()
-            if d.main:
-                _plot_csv(out)
-
-    if bar is not None:
-        bar.close()
-    return TrainResult(losses, checkpoint, parts, step)
+        losses.append(total.item())
+        log.step(losses[-1], lr)
+        if (cfg.save_every and run.step % cfg.save_every == 0) or run.step == cfg.steps:
+            checkpoint = _save(run)
+    log.close()
+    return TrainResult(losses, checkpoint, run.parts, run.step)
 
 
 def _append_csv(path: Path, rows: list[tuple]) -> None:
