@@ -5,12 +5,20 @@ give a model random weights that make every parameter matter (`randomize`). Test
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 
 import pytest
 import torch
 
 from sdxl.models import specs
 from sdxl.models.specs import Components
+
+
+def pytest_configure(config):
+    # The tests, and the commands they run, never read or write the user's own model-hash cache or config file.
+    for var in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME"):
+        os.environ[var] = tempfile.mkdtemp(prefix=f"sdxl-tests-{var.lower()}-")
 
 
 @pytest.fixture(scope="module")

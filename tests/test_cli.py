@@ -11,7 +11,6 @@ import os
 import pickle
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -50,6 +49,9 @@ COMMANDS = {
     "missing": ["info", "no_such_model.safetensors"],
     "truncated": ["info", "truncated.safetensors"],
     "malicious": ["info", "evil.ckpt"],
+    "builtin": ["info", "builtin"],
+    "builtin_refiner_json": ["info", "--json", "builtin-refiner"],
+    "convert_builtin": ["convert", "builtin", "builtin_copy.safetensors"],
 }
 ERRORS = {  # name -> what the one-line message must say after the file name
     "sd15": "not an SDXL checkpoint: this is a Stable Diffusion 1.x checkpoint",
@@ -166,3 +168,20 @@ def test_malicious_pickle_not_run(cli):
     control = cli.work / "control"
     pickle.loads(pickle.dumps(Payload(f"touch '{control}'")))
     assert control.exists()
+
+
+def test_builtin_names_work_wherever_a_model_path_does(cli):
+    from sdxl import builtin
+    from sdxl.checkpoints.formats import describe
+
+    r = cli.results["builtin"]
+    assert r.rc == 0 and r.err == "", r.err
+    assert r.out.splitlines()[0] == f"{builtin.path('builtin')}: SDXL base (single-file)"
+    r = cli.results["builtin_refiner_json"]
+    assert r.rc == 0, r.err
+    assert json.loads(r.out)["kind"] == "refiner"
+    r = cli.results["convert_builtin"]
+    assert r.rc == 0, r.err
+    assert r.out.strip() == "wrote builtin_copy.safetensors (official single file, SDXL base, fp16)"
+    copy = describe(cli.work / "builtin_copy.safetensors")
+    assert copy.kind == "base" and copy.components.keys() == describe(builtin.path("builtin")).components.keys()

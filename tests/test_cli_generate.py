@@ -32,6 +32,14 @@ def tiny_model(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def hash_cache(tmp_path_factory):
+    """Model hashes go to a cache of this module's own (the commands' too), not the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 def sdxl(*argv, env=None):
     return subprocess.run([sys.executable, "-m", "sdxl", *map(str, argv)], capture_output=True, text=True, env=env)
 
@@ -51,7 +59,7 @@ def test_generate_writes_pngs_with_parameters_equal_to_the_python_api(tiny_model
     first = Image.open(files[0])
     params = first.info["parameters"]
     assert params.startswith("a red circle\n")
-    assert "Steps: 3, Sampler: euler" in params and "Seed: 7" in params and "Size: 64x48" in params
+    assert "Steps: 3, Sampler: Euler, Schedule type: Default" in params and "Seed: 7" in params and "Size: 64x48" in params
     assert "Seed: 8" in Image.open(files[1]).info["parameters"]
     expected = api.load(tiny_model).generate("a red circle", width=64, height=48, steps=3, seed=7, batch=2)
     for f, e in zip(files, expected):
@@ -157,10 +165,10 @@ def test_every_generation_option_has_a_flag_that_reaches_the_pipeline(tmp_path):
     Image.new("RGB", (40, 32), (200, 30, 30)).save(img)
     argv = ["generate", "a prompt", *[str(img) if a == "IMG" else a for a in ALL_FLAGS]]
     args = cli.build_parser().parse_args(argv)
-    s = cli._settings_from_args(args)
+    s = metadata.settings_from_flags(vars(args))
     fields = {f.name for f in dataclasses.fields(GenerationOptions)}
     assert fields - {"output"} <= set(s), fields - set(s)  # every option but the return type
-    o = cli._generation_options(s, s["prompt"])
+    o = metadata.generation_options(s, s["prompt"])
     assert (o.prompt, o.prompt_2, o.negative_prompt, o.negative_prompt_2) == ("a prompt", "p two", "n one", "n two")
     assert (o.width, o.height, o.steps, o.cfg, o.guidance_rescale) == (64, 48, 3, 4.5, 0.5)
     assert (o.sampler, o.schedule, o.seed, o.batch, o.strength, o.mask_blur) == ("dpmpp_2m", "karras", 11, 2, 0.6, 2.5)
@@ -172,7 +180,7 @@ def test_every_generation_option_has_a_flag_that_reaches_the_pipeline(tmp_path):
     assert (o.aesthetic_score, o.negative_aesthetic_score, o.clip_skip, o.vae_tiling) == (7.5, 1.5, 1, True)
     assert (s["variant"], s["dtype"], s["device"]) == ("fp16", "bf16", "meta")
     # The defaults are the API's.
-    d = cli._generation_options(cli._settings_from_args(cli.build_parser().parse_args(["generate", "x"])), "x")
+    d = metadata.generation_options(metadata.settings_from_flags(vars(cli.build_parser().parse_args(["generate", "x"]))), "x")
     assert d == GenerationOptions(prompt="x")
 
 
@@ -195,8 +203,8 @@ def test_png_settings_round_trip_and_clear_errors(tmp_path):
     metadata.write_png(image, tmp_path / "a.png", s)
     assert metadata.read_settings(tmp_path / "a.png") == s
     text = Image.open(tmp_path / "a.png").info["parameters"]
-    assert text.startswith("p\nq ü\nNegative prompt: n\nSteps: 3, Sampler: euler")
-    assert "Seed: 9, Size: 16x8, Model: base.safetensors" in text
+    assert text.startswith("p\nq ü\nNegative prompt: n\nSteps: 3, Sampler: Euler")
+    assert "Seed: 9, Size: 16x8, Model: base" in text
     image.save(tmp_path / "plain.png")
     with pytest.raises(ValueError, match="no sdxl generation settings in this PNG"):
         metadata.read_settings(tmp_path / "plain.png")
@@ -259,7 +267,7 @@ def test_prompts_file_json_summary_and_from_image_remakes_the_same_pixels(tiny_m
     (tmp_path / "prompts.txt").write_text("a cat\n\n   \n  a dog \n")
     flags = ["--width", "64", "--height", "48", "--steps", "3", "--seed", "7", "--batch", "2", "--negative", "bad",
              "--negative-2", "worse", "--guidance-rescale", "0.5", "--original-size", "128x96",
-             "--crop-top-left", "4,8", "--clip-skip", "1", "--sampler", "dpmpp_2m"]
+             "--crop-top-left", "4,8", "--clip-skip", "1", "--sampler", "dpmpp_2m", "--store-paths"]
     rc = cli.main(["generate", "--model", str(tiny_model), "--prompts-file", str(tmp_path / "prompts.txt"), *flags,
                    "--out", str(tmp_path / "out"), "--json"])
     out, err = capsys.readouterr()

@@ -3,7 +3,7 @@ import cycle exists (counting the imports inside functions too, so lazy imports 
 
     models <- sampling / checkpoints <- conditioning / latents / options <- pipeline <- interfaces / training
 
-Leaves that everything may use: `dtypes`, `builtin`, `images`, `acceleration`. The package's `__init__` is the
+Leaves that everything may use: `dtypes`, `builtin`, `images`, `acceleration`, `prompts` (torch-free syntax). The package's `__init__` is the
 public face (`sdxl.load` imports the pipeline when first used), so it is on top; importing it for its version is
 allowed anywhere.
 """
@@ -18,8 +18,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "sdxl"
 
 LAYERS = {  # the first part of a module's name under sdxl -> its layer
-    "__init__": 4, "dtypes": 0, "builtin": 0, "images": 0, "acceleration": 0, "models": 0, "data": 0,
-    "sampling": 1, "checkpoints": 1,
+    "__init__": 4, "dtypes": 0, "builtin": 0, "images": 0, "acceleration": 0, "models": 0, "data": 0, "prompts": 0,
+    "sampling": 1, "checkpoints": 1, "adapters": 1,
     "conditioning": 2, "latents": 2, "options": 2,
     "pipeline": 3,
     "interfaces": 4, "training": 4, "__main__": 4,

@@ -1,7 +1,8 @@
 """The `sdxl` command line.
 
 Heavy imports (torch, the models) happen inside the commands, so `sdxl --help` is instant.
-`generate` keeps its PNG metadata in `metadata.py` and its default-model rules in `settings.py`.
+`generate` turns its flags into settings, options and PNG metadata with `metadata.py` (in AUTOMATIC1111's words,
+`a1111.py`), hashes models with `hashes.py` and takes its default model from `settings.py`.
 A user mistake (a wrong path, a file that is not SDXL) ends with a one-line message and exit
 status 2, never a traceback.
 """
@@ -10,12 +11,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..dtypes import NAMES as DTYPE_NAMES
+from .settings import ALLOW_DOWNLOAD_ENV, MODEL_ENV
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     from ..checkpoints.formats import describe
+    from ..checkpoints.paths import resolve_path
 
-    desc = describe(args.path)
+    desc = describe(resolve_path(args.path))  # a path, "builtin", or a Hub repo in the local cache
     if args.json:
         import json
 
@@ -33,19 +41,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-MODEL_ENV = "SDXL_MODEL"
-
-# Command-line settings that are not GenerationOptions fields, but are stored with each image.
-MODEL_SETTINGS = ("model", "refiner", "vae", "variant", "dtype", "device", "fp8")
-PAIR_FIELDS = ("original_size", "crop_top_left", "target_size",
-               "negative_original_size", "negative_crop_top_left", "negative_target_size")
-
-
-def _output_paths(out: str, count: int) -> list:
+def _output_paths(out: str, count: int) -> list[Path]:
     """`count` new PNG paths: OUT itself for one image named *.png, else numbered files in folder OUT."""
-    from pathlib import Path
-
     out_path = Path(out)
     if out_path.suffix.lower() == ".png" and count == 1:
         if out_path.exists():
@@ -59,116 +56,13 @@ def _output_paths(out: str, count: int) -> list:
     return [folder / f"{start + i:05d}.png" for i in range(count)]
 
 
-# -- parsing the command line's formats into GenerationOptions values
-
-
-def _ints(flag: str, text: str, n: int, sep: str, form: str) -> tuple[int, ...]:
-    parts = str(text).lower().replace(" ", "").split(sep)
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != n or any(v < 0 for v in values):
-        raise ValueError(f"{flag} must be {form}, got {text!r}")
-    return values
-
-
-def _size(flag: str, text: str | None) -> tuple[int, int] | None:
-    """'WxH' (as --width/--height and A1111's Size) -> (height, width), the API's order."""
-    if text is None:
-        return None
-    w, h = _ints(flag, text, 2, "x", "WIDTHxHEIGHT in pixels, e.g. 1024x768")
-    return h, w
-
-
-def _crop(flag: str, text: str | None) -> tuple[int, int] | None:
-    return None if text is None else _ints(flag, text, 2, ",", "TOP,LEFT in pixels, e.g. 0,0")
-
-
-def _outpaint_fill(text: str) -> str | tuple[int, int, int]:
-    if text in ("edge", "reflect"):
-        return text
-    rgb = _ints("--outpaint-fill", text, 3, ",", "edge, reflect or an R,G,B colour such as 128,128,128")
-    if max(rgb) > 255:
-        raise ValueError(f"--outpaint-fill colour values must be 0..255, got {text!r}")
-    return rgb
-
-
-def _settings_from_args(args: argparse.Namespace) -> dict:
-    """Every setting of one run from the command line, as GenerationOptions values (+ model settings, file paths)."""
-    from pathlib import Path
-
-    def path(p):
-        return str(Path(p).expanduser().absolute()) if p else None
-
-    return {
-        "prompt": args.prompt, "prompt_2": args.prompt_2,
-        "negative_prompt": args.negative_prompt, "negative_prompt_2": args.negative_prompt_2,
-        "width": args.width, "height": args.height, "steps": args.steps, "cfg": args.cfg,
-        "guidance_rescale": args.guidance_rescale, "sampler": args.sampler, "schedule": args.schedule,
-        "seed": args.seed, "batch": args.batch,
-        "init_image": path(args.init_image), "strength": args.strength, "mask": path(args.mask),
-        "mask_blur": args.mask_blur,
-        "outpaint": _ints("--outpaint", args.outpaint, 4, ",", "LEFT,TOP,RIGHT,BOTTOM pixels, e.g. 0,0,256,0")
-        if args.outpaint else None,
-        "outpaint_fill": _outpaint_fill(args.outpaint_fill),
-        "refiner_switch": args.refiner_switch,
-        "original_size": _size("--original-size", args.original_size),
-        "crop_top_left": _crop("--crop-top-left", args.crop_top_left),
-        "target_size": _size("--target-size", args.target_size),
-        "negative_original_size": _size("--negative-original-size", args.negative_original_size),
-        "negative_crop_top_left": _crop("--negative-crop-top-left", args.negative_crop_top_left),
-        "negative_target_size": _size("--negative-target-size", args.negative_target_size),
-        "aesthetic_score": args.aesthetic_score, "negative_aesthetic_score": args.negative_aesthetic_score,
-        "clip_skip": args.clip_skip or None, "vae_tiling": args.vae_tiling,
-        "model": args.model, "refiner": args.refiner, "vae": args.vae, "variant": args.variant,
-        "dtype": args.dtype, "device": args.device, "fp8": args.fp8,
-    }
-
-
-def _from_json(key: str, value):
-    """A stored JSON value back into the option's type (lists -> tuples)."""
-    if isinstance(value, list) and (key in PAIR_FIELDS or key in ("outpaint", "outpaint_fill")):
-        return tuple(value)
-    return value
-
-
 def _explicit_settings(argv: list[str]) -> set[str]:
     """The settings the command line gives explicitly (they override an image's stored settings)."""
     args = build_parser(suppress_defaults=True).parse_args(argv)
     return set(vars(args))
 
 
-def _open_image(flag: str, path: str | None, mode: str):
-    from pathlib import Path
-
-    from PIL import Image, UnidentifiedImageError
-
-    if path is None:
-        return None
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{flag} {path}: no such file")
-    try:
-        return Image.open(path).convert(mode)
-    except UnidentifiedImageError:
-        raise ValueError(f"{flag} {path}: not an image file") from None
-
-
-def _generation_options(settings: dict, prompt: str):
-    from ..options import GenerationOptions
-
-    fields = {k: v for k, v in settings.items() if k not in MODEL_SETTINGS}
-    fields["prompt"] = prompt
-    fields["init_image"] = _open_image("--init-image", settings["init_image"], "RGB")
-    fields["mask"] = _open_image("--mask", settings["mask"], "L")
-    if fields["crop_top_left"] is None:
-        fields["crop_top_left"] = (0, 0)
-    return GenerationOptions(**fields)
-
-
 def _read_prompts(path: str) -> list[str]:
-    from pathlib import Path
-
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--prompts-file {path}: no such file")
@@ -176,20 +70,6 @@ def _read_prompts(path: str) -> list[str]:
     if not prompts:
         raise ValueError(f"--prompts-file {path}: no prompts in it (one prompt a line; blank lines are skipped)")
     return prompts
-
-
-def _resolve(name: str | None, allow_download: bool):
-    from ..checkpoints.paths import resolve_path
-    from .settings import ALLOW_DOWNLOAD_ENV
-
-    if name is None:
-        return None
-    try:
-        return resolve_path(name, allow_download=allow_download)
-    except FileNotFoundError as e:
-        if "Hugging Face cache" in str(e):
-            raise FileNotFoundError(f"{e}, or let sdxl download it: --allow-download or {ALLOW_DOWNLOAD_ENV}=1") from None
-        raise
 
 
 def _peak_memory(device) -> tuple[int | None, str]:
@@ -218,93 +98,249 @@ def bf16_hint(device_type: str, dtype_name: str, chosen: bool, unet_params: int,
             "times faster than float32 here, in half the memory (images differ slightly)")
 
 
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+# -- sdxl generate, in steps: plan (every setting checked), load, describe the models, generate, report
+
+
+@dataclass
+class _Model:
+    """A model of the run: its name as given (or as stored in --from-image's image) and where it is."""
+
+    name: str | None = None
+    path: Path | None = None
+    local: bool = False  # a file or folder of the user's (stored by file name), not "builtin" or a Hub repo id
+
+    def stored(self, keep_path: bool) -> str | None:
+        if not self.local or self.path is None:
+            return self.name
+        return str(self.path.absolute()) if keep_path else self.path.name
+
+
+@dataclass
+class _Run:
+    settings: dict[str, Any]
+    prompts: list[str]
+    options: list
+    models: dict[str, _Model]
+    paths: list[Path]
+    keep: int | None = None  # with --from-image: the index, in its batch, of the image to make again
+    image: dict[str, Any] = field(default_factory=dict)  # the settings stored in --from-image's image
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    import json
-    import time
-    from pathlib import Path
+    run = _plan(args)  # every setting, prompt, model and output path checked before the (slow) model load
+    pipe, load_seconds = _load_pipeline(args, run)
+    models = _describe_models(run, pipe)
+    written, seconds, image_steps = _generate_images(args, run, pipe, models)
+    _report(args, pipe, written, seconds, image_steps, load_seconds, models)
+    return 0
 
-    from . import metadata, settings as config
 
-    settings = _settings_from_args(args)
-    keep = None  # with --from-image: the index, in its batch, of the image to make again
-    if args.from_image:
-        explicit = _explicit_settings(args.argv)
-        saved = metadata.read_settings(args.from_image)
-        for key, value in saved.items():
-            if key in settings and key not in explicit:
-                settings[key] = _from_json(key, value)
-        index = saved.get("batch_index", 0)
-        if not {"seed", "batch"} & explicit and isinstance(index, int) and 0 <= index < settings["batch"]:
-            # Image i of a batch is, up to rounding, the single image of seed + i; exactly, it is image i
-            # of the same batch: run that batch again and keep image i.
-            settings["seed"] -= index
-            keep = index
+def _plan(args: argparse.Namespace) -> _Run:
+    from . import metadata
+
+    settings = metadata.settings_from_flags(vars(args))
+    explicit = _explicit_settings(args.argv) if args.from_image else set()
+    image = _from_image(args.from_image, settings, explicit) if args.from_image else {}
+    keep = _batch_index(settings, image, explicit) if args.from_image else None
     if args.prompts_file:
         prompts = _read_prompts(args.prompts_file)
     elif settings["prompt"] is not None:
         prompts = [settings["prompt"]]
     else:
         raise ValueError("no prompt: give PROMPT, --prompts-file FILE or --from-image IMAGE.png")
-    options = [_generation_options(settings, p) for p in prompts]  # validated before the (slow) model load
-    model, _ = config.resolve_model(settings["model"])
+    options = [metadata.generation_options(settings, p) for p in prompts]
+    models = _resolve_models(args, settings, image, explicit)
+    kept = settings["batch"] if keep is None else 1
+    return _Run(settings, prompts, options, models, _output_paths(args.out, len(prompts) * kept), keep, image)
+
+
+def _from_image(path: str, settings: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
+    """Put the settings stored in `path` (ours, or A1111's / Forge's / Fooocus') under the explicit flags."""
+    from . import a1111, metadata
+
+    try:
+        stored = metadata.read_image(path, skip=explicit)
+    except a1111.UnknownName as e:
+        raise ValueError(f"{e}; pass --{e.kind} to choose one") from None
+    if stored.ignored:
+        _note(f"{path}: ignored {stored.source} settings that sdxl does not use: {', '.join(stored.ignored)}")
+    metadata.apply_stored(settings, stored.settings, explicit)
+    for key in metadata.FILE_KEYS:
+        if key not in explicit and settings.get(key):
+            settings[key] = str(_stored_file(path, key, settings[key]))
+    return stored.settings
+
+
+def _stored_file(image: str, key: str, name: str) -> Path:
+    """An input file an image names: as stored (a path, or a name in the working folder), else beside the image."""
+    for candidate in (Path(name).expanduser(), Path(image).parent / name):
+        if candidate.is_file():
+            return candidate
+    flag = "--" + key.replace("_", "-")
+    raise FileNotFoundError(f"{image}: its {flag[2:].replace('-', ' ')} {name!r} is not here; pass {flag} PATH")
+
+
+def _batch_index(settings: dict[str, Any], image: dict[str, Any], explicit: set[str]) -> int | None:
+    index = image.get("batch_index", 0)
+    if not {"seed", "batch"} & explicit and isinstance(index, int) and 0 <= index < settings["batch"]:
+        # Image i of a batch is, up to rounding, the single image of seed + i; exactly, it is image i
+        # of the same batch: run that batch again and keep image i.
+        settings["seed"] -= index
+        return index
+    return None
+
+
+def _resolve_models(args: argparse.Namespace, settings: dict[str, Any], image: dict[str, Any],
+                    explicit: set[str]) -> dict[str, _Model]:
+    from . import settings as config
+
     allow_download = config.allow_download(args.allow_download)
-    model_path = _resolve(model, allow_download)
-    refiner_path = _resolve(settings["refiner"], allow_download)
-    vae_path = _resolve(settings["vae"], allow_download)
+    model, _ = config.resolve_model(settings["model"])
+    models = {}
+    for kind, name in (("model", model), ("refiner", settings["refiner"]), ("vae", settings["vae"])):
+        if not name:
+            models[kind] = _Model()
+        elif image.get(kind) == name and kind not in explicit:
+            models[kind] = _stored_model(args.from_image, kind, name, image, allow_download)
+        else:
+            models[kind] = _given_model(name, allow_download)
+    return models
 
-    def stored(name):  # an absolute path for local files, the repo id for the Hub
-        return str(Path(name).expanduser().absolute()) if name and Path(name).expanduser().exists() else name
 
-    batch = settings["batch"]
-    kept = range(batch) if keep is None else [keep]
-    paths = iter(_output_paths(args.out, len(prompts) * len(kept)))  # checked before the (slow) model load
+def _given_model(name: str, allow_download: bool) -> _Model:
+    from .. import builtin
+    from ..checkpoints.paths import resolve_path
+
+    try:
+        path = resolve_path(name, allow_download=allow_download)
+    except FileNotFoundError as e:
+        if "Hugging Face cache" in str(e):
+            raise FileNotFoundError(f"{e}, or let sdxl download it: --allow-download or {ALLOW_DOWNLOAD_ENV}=1") from None
+        raise
+    local = builtin.path(name) is None and Path(name).expanduser().exists()
+    return _Model(name, path, local)
+
+
+def _stored_model(image: str, kind: str, name: str, stored: dict[str, Any], allow_download: bool) -> _Model:
+    """A model an image names: a path, "builtin" or a cached Hub repo; else a file or folder of that name or
+    hash that this machine has used (the hash cache); else the configured model, if it has that name."""
+    from . import hashes, metadata
+
+    for candidate in (name, name if name.endswith(hashes.WEIGHT_SUFFIXES) else f"{name}.safetensors"):
+        try:
+            return _given_model(candidate, allow_download)
+        except (FileNotFoundError, ValueError):
+            pass
+    found = hashes.find(name, stored.get(metadata.HASH_KEYS[kind]))
+    if found is None and kind == "model" and (default := _configured_model()) is not None:
+        found = default if name in (default.name, hashes.stem(default.name)) else None
+    if found is None:
+        raise FileNotFoundError(f"{image}: its {kind} {name!r} is not here (not a file, built-in model, cached "
+                                f"Hub repo or model this machine has used); pass --{kind} PATH")
+    return _Model(name, found, local=True)
+
+
+def _configured_model() -> Path | None:
+    """$SDXL_MODEL's or the config file's model, when it is a local file or folder (not the built-in default)."""
+    from . import settings as config
+
+    try:
+        model, where = config.resolve_model(None)
+    except ValueError:
+        return None
+    path = Path(model).expanduser()
+    return path if where != "built-in" and path.exists() else None
+
+
+def _load_pipeline(args: argparse.Namespace, run: _Run):
+    import time
 
     import torch
     from tqdm import tqdm
 
     import sdxl
 
-    from ..acceleration import cpu_has_bf16_matrix_units
-
-    device = settings["device"]
+    s, models = run.settings, run.models
+    device = s["device"]
     if device and str(device).startswith("cuda") and not torch.cuda.is_available():
         where = " (the device stored in the image; pass --device cpu)" if args.from_image else ""
         raise ValueError(f"device {device!r}: CUDA is not available on this machine{where}")
     start = time.perf_counter()
     # One tick per model (unet, vae, text encoders; the refiner's too): a full-size file takes seconds per model.
-    loading = tqdm(desc=f"loading {model}", unit="model", leave=False, file=sys.stderr)
+    loading = tqdm(desc=f"loading {models['model'].name}", unit="model", leave=False, file=sys.stderr)
 
     def loaded_one(name: str) -> None:
         loading.set_postfix_str(name, refresh=False)
         loading.update(1)
 
     try:
-        pipe = sdxl.load(model_path, refiner=refiner_path, device=settings["device"], dtype=settings["dtype"],
-                         vae=vae_path, variant=settings["variant"], compile=args.compile, offload=args.offload,
-                         fp8=settings["fp8"], progress=loaded_one)
+        pipe = sdxl.load(models["model"].path, refiner=models["refiner"].path, device=device, dtype=s["dtype"],
+                         vae=models["vae"].path, variant=s["variant"], compile=args.compile, offload=args.offload,
+                         fp8=s["fp8"], progress=loaded_one)
     finally:
         loading.close()
-    loaded = time.perf_counter() - start
-    if settings["cfg"] is None:  # the model's recommended scale: stored in the PNG, so --from-image repeats it
-        settings["cfg"] = pipe.recommended_cfg()
-    dtype_name = {getattr(torch, v): k for k, v in DTYPES.items()}.get(pipe.dtype, str(pipe.dtype))
-    hint = bf16_hint(pipe.device.type, dtype_name, settings["dtype"] is not None,
+    return pipe, time.perf_counter() - start
+
+
+HASH_NOTE_BYTES = 256 * 2**20  # files this large take a noticeable time to hash: say so
+
+
+def _describe_models(run: _Run, pipe) -> dict[str, Any]:
+    """What every image of the run stores about its models: stored names, A1111 hashes, dtype, device, version."""
+    import sdxl
+
+    from ..acceleration import cpu_has_bf16_matrix_units
+    from ..dtypes import short_name
+    from . import hashes, metadata
+
+    s = run.settings
+    if s["cfg"] is None:  # the model's recommended scale: stored in the PNG, so --from-image repeats it
+        s["cfg"] = pipe.recommended_cfg()
+    dtype = short_name(pipe.dtype)
+    hint = bf16_hint(pipe.device.type, dtype, s["dtype"] is not None,
                      sum(t.numel() for t in pipe.base.unet.state_dict().values()), cpu_has_bf16_matrix_units())
     if hint:
         print(hint, file=sys.stderr)
-    common = {
-        "model": stored(model), "refiner": stored(settings["refiner"]),
-        "vae": stored(settings["vae"]), "variant": settings["variant"], "dtype": dtype_name,
-        "device": str(pipe.device), "fp8": settings["fp8"], "sdxl_version": sdxl.__version__,
-    }
+
+    def hashing(path: Path) -> None:
+        if path.stat().st_size >= HASH_NOTE_BYTES:
+            _note(f"hashing {path.name} for its A1111 model hash (once: kept in {hashes.cache_path()})")
+
+    described = {"variant": s["variant"], "dtype": dtype, "device": str(pipe.device), "fp8": s["fp8"],
+                 "sdxl_version": sdxl.__version__}
+    for kind, model in run.models.items():
+        key = metadata.HASH_KEYS[kind]
+        described[kind] = model.stored(s["store_paths"])
+        described[key] = hashes.short_hash(model.path, on_compute=hashing) if model.path else None
+        if run.image.get(key) and described[key] and not described[key].startswith(str(run.image[key]).lower()):
+            _note(f"the image was made with a {kind} of hash {run.image[key]}; {model.path.name} has "
+                  f"{described[key]}, so the new image will differ")
+    return described
+
+
+def _generate_images(args: argparse.Namespace, run: _Run, pipe, models: dict[str, Any]):
+    """Sample every prompt's batch and write the kept images; (written, seconds, image-steps)."""
+    import time
+
+    from tqdm import tqdm
+
+    from . import metadata
+
+    batch = run.settings["batch"]
+    kept = range(batch) if run.keep is None else [run.keep]
+    paths = iter(run.paths)
     steps_done = [0]
     written = []
     start = time.perf_counter()
-    for n, (prompt, opts) in enumerate(zip(prompts, options)):
-        desc = "sampling" if len(prompts) == 1 else f"prompt {n + 1}/{len(prompts)}"
-        bar = tqdm(desc=desc, unit="step", leave=False)
+    for n, (prompt, opts) in enumerate(zip(run.prompts, run.options)):
+        bar = tqdm(desc="sampling" if len(run.prompts) == 1 else f"prompt {n + 1}/{len(run.prompts)}",
+                   unit="step", leave=False)
 
-        def progress(step: int, total: int, latents) -> None:
+        def progress(step: int, total: int, latents, bar=bar) -> None:
             bar.total = total
             bar.update(1)
             steps_done[0] += batch  # image-steps
@@ -315,43 +351,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.close()
         for i in kept:
             image, path = images[i], next(paths)
-            image_settings = {k: v for k, v in settings.items() if k not in MODEL_SETTINGS}
-            image_settings.update(common, prompt=prompt, seed=opts.seed + i, batch=batch, batch_index=i)
-            image_settings["size"] = list(image.size)  # what came out (width, height); informational
-            metadata.write_png(image, path, image_settings)
+            stored = metadata.image_settings(run.settings, models, prompt=prompt, seed=opts.seed + i,
+                                             batch_index=i, size=image.size)
+            metadata.write_png(image, path, stored)
             written.append({"path": str(path), "prompt": prompt, "seed": opts.seed + i})
             if not args.json:
                 print(path, flush=True)
-    seconds = time.perf_counter() - start
+    return written, time.perf_counter() - start, steps_done[0]
+
+
+def _report(args: argparse.Namespace, pipe, written: list, seconds: float, image_steps: int, load_seconds: float,
+            models: dict[str, Any]) -> None:
+    import json
+
     peak, peak_what = _peak_memory(pipe.device)
     memory = f"; {peak_what} {peak / 2**30:.2f} GiB" if peak is not None else ""
-    print(f"{len(written)} image(s) in {seconds:.1f} s ({steps_done[0] / seconds:.2f} steps/s) on {pipe.device}; "
-          f"model loaded in {loaded:.1f} s{memory}", file=sys.stderr)
+    print(f"{len(written)} image(s) in {seconds:.1f} s ({image_steps / seconds:.2f} steps/s) on {pipe.device}; "
+          f"model loaded in {load_seconds:.1f} s{memory}", file=sys.stderr)
     if args.json:
         print(json.dumps({
-            "files": written, "seconds": round(seconds, 3), "load_seconds": round(loaded, 3),
-            "image_steps": steps_done[0], "steps_per_second": round(steps_done[0] / seconds, 3),
-            "device": str(pipe.device), "dtype": dtype_name, "model": common["model"],
+            "files": written, "seconds": round(seconds, 3), "load_seconds": round(load_seconds, 3),
+            "image_steps": image_steps, "steps_per_second": round(image_steps / seconds, 3),
+            "device": str(pipe.device), "dtype": models["dtype"], "model": models["model"],
             "peak_memory_bytes": peak, "peak_memory_kind": peak_what or None,
         }, indent=2))
-    return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import torch
-
     from ..checkpoints.load import load, load_vae_file
+    from ..checkpoints.paths import resolve_path
     from ..checkpoints.save import save_diffusers, save_single_file
+    from ..dtypes import torch_dtype
 
-    src, dst = Path(args.src), Path(args.dst)
+    src, dst = resolve_path(args.src), Path(args.dst)  # the loaders take real paths; "builtin" is a name
     if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
         raise ValueError(f"{dst} already exists; choose a new path (nothing is overwritten)")
-    dtype = getattr(torch, DTYPES[args.dtype])
+    dtype = torch_dtype(args.dtype)
     parts = load(src, dtype=dtype)  # converted on load, so nothing is held twice in another dtype
     if args.vae:
-        parts.vae = load_vae_file(args.vae, dtype=dtype)
+        parts.vae = load_vae_file(resolve_path(args.vae), dtype=dtype)
     if dst.suffix == ".safetensors":
         save_single_file(parts, dst, dtype=dtype)
         layout = "official single file"
@@ -382,10 +420,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_samplers(args: argparse.Namespace) -> int:
     from .. import sampling
+    from . import a1111
 
     for name in sampling.SAMPLERS:
-        print(f"{name:<16} {SAMPLER_NOTES.get(name, '')}")
-    print("schedules: " + ", ".join(sampling.SCHEDULES) + " (default: the model's own scheduler config)")
+        label = a1111.SAMPLERS[name].label if name in a1111.SAMPLERS else ""
+        print(f"{name:<16} {label:<13} {SAMPLER_NOTES.get(name, '')}")
+    schedules = ", ".join(f"{name} ({a1111.to_a1111('euler', name)[1]})" for name in sampling.SCHEDULES)
+    print(f"schedules: {schedules}; default: the model's own scheduler config")
+    print("(in brackets: the words PNGs say, as AUTOMATIC1111 does; --sampler and --schedule take either)")
     return 0
 
 
@@ -418,26 +460,31 @@ The model: --model, else ${MODEL_ENV}, else `model = "..."` in the config file (
 ~/.config/sdxl/config.toml). Hub repo ids are read from the local Hugging Face cache only, unless
 --allow-download or SDXL_ALLOW_DOWNLOAD=1.
 
-Each PNG carries its settings: AUTOMATIC1111's 'parameters' text and a JSON 'sdxl' chunk with every
-setting; --from-image IMAGE.png makes that image again (with its own seed), and flags given with it
-override the stored values. --prompts-file makes --batch images for every prompt in a file (the same
-seeds for each prompt).
+Each PNG carries its settings: AUTOMATIC1111's 'parameters' text (its words: "Sampler: DPM++ 2M,
+Schedule type: Karras", the model's name and A1111 hash) and a JSON 'sdxl' chunk with every setting;
+models and input images are stored by name, not path, unless --store-paths. --from-image IMAGE.png
+makes that image again (with its own seed), also from PNGs of AUTOMATIC1111, Forge and Fooocus, and
+flags given with it override the stored values. --prompts-file makes --batch images for every prompt
+in a file (the same seeds for each prompt).
 """
 
 
-def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
+def _add_prompt_arguments(gen: argparse.ArgumentParser) -> None:
     add = gen.add_argument
     add("prompt", nargs="?", help="what to draw (or --prompts-file / --from-image)")
     add("--prompt-2", dest="prompt_2", metavar="TEXT", help="prompt for the OpenCLIP bigG encoder (default: the prompt)")
     add("--negative", dest="negative_prompt", metavar="TEXT", default="", help="negative prompt (default: none)")
     add("--negative-2", dest="negative_prompt_2", metavar="TEXT", help="negative prompt for OpenCLIP bigG (default: --negative)")
     add("--prompts-file", metavar="FILE", help="one prompt a line (blank lines skipped); --batch images for each")
-    add("--from-image", metavar="PNG", help="re-run the settings stored in a PNG written by sdxl generate")
+    add("--from-image", metavar="PNG", help="re-run the settings stored in a PNG written by sdxl generate, "
+        "AUTOMATIC1111, Forge or Fooocus")
 
+
+def _add_model_arguments(gen: argparse.ArgumentParser) -> None:
     m = gen.add_argument_group("model")
-    m.add_argument("--model", help=f"SDXL .safetensors file, diffusers folder or Hub repo id (default: ${MODEL_ENV}, "
-                   "then the config file)")
-    m.add_argument("--refiner", help="an SDXL refiner to finish the base's images")
+    m.add_argument("--model", help=f"SDXL .safetensors file, diffusers folder, Hub repo id or builtin (default: "
+                   f"${MODEL_ENV}, then the config file, then builtin)")
+    m.add_argument("--refiner", help="an SDXL refiner to finish the base's images (e.g. builtin-refiner)")
     m.add_argument("--refiner-switch", dest="refiner_switch", metavar="FRACTION", type=float, default=0.8,
                    help="fraction of the schedule the base runs before the refiner")
     m.add_argument("--vae", help="a VAE file or folder to use instead of the checkpoint's (e.g. an fp16-fixed VAE)")
@@ -445,7 +492,7 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     m.add_argument("--allow-download", action="store_true",
                    help="download Hub repo ids that are not in the local cache (also SDXL_ALLOW_DOWNLOAD=1)")
     m.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cpu)")
-    m.add_argument("--dtype", choices=sorted(DTYPES),
+    m.add_argument("--dtype", choices=sorted(DTYPE_NAMES),
                    help="weights' dtype (default: fp32; fp16 suits GPUs, bf16 CPUs with AMX units: 4 to 5 times "
                    "faster than fp32 there)")
     m.add_argument("--compile", action="store_true",
@@ -458,6 +505,8 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
                    help="keep the weights in CPU memory and copy them to --device only while they run: one model "
                    "at a time (model), or one layer at a time (sequential: least GPU memory, slowest)")
 
+
+def _add_sampling_arguments(gen: argparse.ArgumentParser) -> None:
     s = gen.add_argument_group("sampling")
     s.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the init image's width, else the model's native size: 1024 for SDXL)")
     s.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the init image's height, else the model's native size)")
@@ -466,14 +515,16 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
                    "the model's file recommends, else 5; the built-in model's is 3)")
     s.add_argument("--guidance-rescale", dest="guidance_rescale", type=float, default=0.0,
                    help="0..1, rescale the guided prediction's std (Lin et al. 2023)")
-    s.add_argument("--sampler", default="euler", help="see `sdxl samplers`")
+    s.add_argument("--sampler", default="euler", help="see `sdxl samplers` (A1111's names work too, e.g. 'DPM++ 2M')")
     s.add_argument("--schedule", default="default", help="default, trailing, karras, exponential or sgm_uniform")
     s.add_argument("--seed", type=int, default=0, help="image i of a batch uses seed + i")
     s.add_argument("--batch", type=int, default=1, help="images to make (for each prompt)")
     s.add_argument("--clip-skip", dest="clip_skip", type=int, default=0,
-                   help="text encoder layers to skip beyond SDXL's penultimate one")
+                   help="text encoder layers to skip beyond SDXL's penultimate one (A1111's 'Clip skip' minus 2)")
     s.add_argument("--vae-tiling", dest="vae_tiling", action="store_true", help="encode/decode in tiles (large images)")
 
+
+def _add_image_arguments(gen: argparse.ArgumentParser) -> None:
     i = gen.add_argument_group("image-to-image, inpainting, outpainting")
     i.add_argument("--init-image", dest="init_image", help="start from this image (image-to-image)")
     i.add_argument("--strength", type=float, default=0.8, help="how much of the init image to repaint (0..1]")
@@ -483,6 +534,8 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     i.add_argument("--outpaint-fill", dest="outpaint_fill", default="edge",
                    help="what the new border starts as: edge, reflect or R,G,B")
 
+
+def _add_conditioning_arguments(gen: argparse.ArgumentParser) -> None:
     c = gen.add_argument_group("micro-conditioning (SDXL's size and crop conditioning)")
     c.add_argument("--original-size", dest="original_size", metavar="WxH", help="(default: the output size)")
     c.add_argument("--crop-top-left", dest="crop_top_left", metavar="TOP,LEFT", default="0,0", help="crop offset")
@@ -497,9 +550,50 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     c.add_argument("--negative-aesthetic-score", dest="negative_aesthetic_score", type=float, default=2.5,
                    help="refiner only")
 
+
+def _add_output_arguments(gen: argparse.ArgumentParser) -> None:
     o = gen.add_argument_group("output")
     o.add_argument("--out", default="outputs", help="a .png file (one image) or a folder for numbered files")
     o.add_argument("--json", action="store_true", help="print a JSON summary of what was written to stdout")
+    o.add_argument("--store-paths", dest="store_paths", action=argparse.BooleanOptionalAction, default=False,
+                   help="store the absolute paths of the model and input files in the PNG's settings, not just "
+                   "their names (paths tell whoever gets the image where your files are)")
+
+
+def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
+    for add in (_add_prompt_arguments, _add_model_arguments, _add_sampling_arguments, _add_image_arguments,
+                _add_conditioning_arguments, _add_output_arguments):
+        add(gen)
+
+
+def _add_info(sub) -> None:
+    info = sub.add_parser(
+        "info",
+        help="say what a checkpoint file or diffusers folder is",
+        description="Print what PATH is (SDXL base / refiner / inpainting / VAE; single file or diffusers "
+        "folder), its components, their storage dtypes and parameter counts. Exits with status 2 and a "
+        "one-line reason for anything that is not SDXL.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    info.add_argument("path", help="a .safetensors (or .ckpt) file, a diffusers folder, builtin or a cached Hub repo id")
+    info.add_argument("--json", action="store_true", help="print a machine-readable description")
+    info.set_defaults(run=cmd_info)
+
+
+def _add_convert(sub) -> None:
+    convert = sub.add_parser(
+        "convert",
+        help="convert between an official single file and a diffusers folder",
+        description="Read SRC (an official-layout .safetensors file or a diffusers folder) and write DST: "
+        "a .safetensors path gets the official single-file layout, any other path a diffusers folder. "
+        "Optionally change the storage dtype and swap in another VAE. Never overwrites.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    convert.add_argument("src", help="an SDXL .safetensors file or diffusers folder (or builtin, builtin-refiner)")
+    convert.add_argument("dst", help="output: NAME.safetensors for a single file, else a (new) folder")
+    convert.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp16", help="storage dtype of the output")
+    convert.add_argument("--vae", help="a VAE .safetensors file to put in place of the checkpoint's own")
+    convert.set_defaults(run=cmd_convert)
 
 
 def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -509,19 +603,7 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    info = sub.add_parser(
-        "info",
-        help="say what a checkpoint file or diffusers folder is",
-        description="Print what PATH is (SDXL base / refiner / inpainting / VAE; single file or diffusers "
-        "folder), its components, their storage dtypes and parameter counts. Exits with status 2 and a "
-        "one-line reason for anything that is not SDXL.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    info.add_argument("path", help="a .safetensors (or .ckpt) file, or a diffusers folder")
-    info.add_argument("--json", action="store_true", help="print a machine-readable description")
-    info.set_defaults(run=cmd_info)
-
+    _add_info(sub)
     gen = sub.add_parser(
         "generate",
         help="generate images from a prompt",
@@ -543,25 +625,11 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
     )
     train.add_argument("args", nargs=argparse.REMAINDER)
     train.set_defaults(run=cmd_train)
-
-    convert = sub.add_parser(
-        "convert",
-        help="convert between an official single file and a diffusers folder",
-        description="Read SRC (an official-layout .safetensors file or a diffusers folder) and write DST: "
-        "a .safetensors path gets the official single-file layout, any other path a diffusers folder. "
-        "Optionally change the storage dtype and swap in another VAE. Never overwrites.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    convert.add_argument("src", help="an SDXL .safetensors file or diffusers folder")
-    convert.add_argument("dst", help="output: NAME.safetensors for a single file, else a (new) folder")
-    convert.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="storage dtype of the output")
-    convert.add_argument("--vae", help="a VAE .safetensors file to put in place of the checkpoint's own")
-    convert.set_defaults(run=cmd_convert)
+    _add_convert(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:  # the trainer parses its own arguments (--help included)
         return cmd_train(argparse.Namespace(args=argv[1:]))

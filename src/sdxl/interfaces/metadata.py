@@ -1,59 +1,229 @@
-"""Generation settings stored in the PNG files `sdxl generate` writes, and read back by `--from-image`.
+"""One run's settings: from command-line flags, to GenerationOptions, into PNGs and back, in AUTOMATIC1111's words.
 
-Two text chunks:
+"Settings" are a flat dict: the JSON-able fields of `sdxl.GenerationOptions` (OPTION_KEYS; sizes for
+micro-conditioning as (height, width), crops as (top, left), as in the Python API) and the run's model settings
+(RUN_KEYS: "model", "refiner", "vae", "variant", "dtype", "device", "fp8", "store_paths").
 
-* "parameters": AUTOMATIC1111's plain-text format, which other SDXL tools and image browsers show:
+Each PNG that `sdxl generate` writes carries two text chunks:
+
+* "parameters": AUTOMATIC1111 1.10's infotext, which other SDXL tools, civitai and image browsers read:
 
       a lighthouse at dusk
       Negative prompt: blurry
-      Steps: 30, Sampler: euler, Schedule type: default, CFG scale: 5.0, Seed: 7, Size: 1024x1024, Model: base.safetensors
+      Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.0, Seed: 7, Size: 1024x1024,
+      Model hash: 31e35c80fc, Model: sd_xl_base_1.0, Version: sdxl 0.1.0
 
-* "sdxl": JSON with every setting needed to make the same image again: all JSON-able fields of
-  `sdxl.GenerationOptions` ("seed" is this image's own seed; "batch" the size of the batch it came
-  from and "batch_index" its place there, since image i of a batch equals the single image of
-  seed + i only up to rounding; micro-conditioning sizes as [height, width], crops as [top, left],
-  as in the Python API), the init image and mask as file paths, "size" ([width, height] of the
-  image), and "model", "refiner", "vae", "variant", "dtype", "device", "fp8" and "sdxl_version".
+  (one line of fields; the words are `a1111.py`'s table).
+* "sdxl": JSON with every setting needed to make the same image again, in our ids: the settings above ("seed"
+  is this image's own seed; "batch" the size of its batch and "batch_index" its place there, since image i of a
+  batch equals the single image of seed + i only up to rounding), "size" ([width, height] of the image),
+  "model_hash" / "refiner_hash" / "vae_hash" (A1111's short hashes) and "sdxl_version". Models and input images
+  are stored by name (a file name, "builtin", a Hub repo id), not by path, unless "store_paths" is set: paths
+  would tell everyone an image is shared with where its maker keeps their files.
 
-Nothing here imports torch.
+`read_image` reads those chunks back, and also the "parameters" chunk of PNGs written by AUTOMATIC1111, Forge
+and Fooocus (its A1111-style text, or its JSON "fooocus" scheme). Reading never evaluates or unpickles anything.
+
+Nothing here imports torch (only `generation_options` does, when called).
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import a1111
+from .hashes import stem
+
 TEXT_KEY = "parameters"
 JSON_KEY = "sdxl"
+FOOOCUS_SCHEME_KEY = "fooocus_scheme"  # Fooocus' chunk naming the scheme of its "parameters": "fooocus" or "a1111"
 FORMAT_VERSION = 1
 
+OPTION_KEYS = (
+    "prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "width", "height", "steps", "cfg",
+    "guidance_rescale", "sampler", "schedule", "seed", "batch", "init_image", "strength", "mask", "mask_blur",
+    "outpaint", "outpaint_fill", "refiner_switch", "original_size", "crop_top_left", "target_size",
+    "negative_original_size", "negative_crop_top_left", "negative_target_size", "aesthetic_score",
+    "negative_aesthetic_score", "clip_skip", "vae_tiling",
+)  # GenerationOptions' fields but `output` (what a call returns, not how an image is made)
+MODEL_KEYS = ("model", "refiner", "vae", "variant", "dtype", "device", "fp8")
+RUN_KEYS = (*MODEL_KEYS, "store_paths")
+SIZE_KEYS = ("original_size", "target_size", "negative_original_size", "negative_target_size")
+CROP_KEYS = ("crop_top_left", "negative_crop_top_left")
+TUPLE_KEYS = (*SIZE_KEYS, *CROP_KEYS, "outpaint", "outpaint_fill")  # stored as JSON lists, used as tuples
+FILE_KEYS = ("init_image", "mask")
+HASH_KEYS = {"model": "model_hash", "refiner": "refiner_hash", "vae": "vae_hash"}
 
-def a1111_parameters(settings: dict[str, Any]) -> str:
-    """The "parameters" text (AUTOMATIC1111's format) of one image's settings."""
-    lines = [settings.get("prompt", "")]
-    if settings.get("negative_prompt"):
-        lines.append(f"Negative prompt: {settings['negative_prompt']}")
-    width, height = settings.get("size") or (settings.get("width"), settings.get("height"))
+
+# -- command-line formats -> settings
+
+
+def parse_ints(flag: str, text: str, n: int, sep: str, form: str) -> tuple[int, ...]:
+    parts = str(text).lower().replace(" ", "").split(sep)
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != n or any(v < 0 for v in values):
+        raise ValueError(f"{flag} must be {form}, got {text!r}")
+    return values
+
+
+def parse_size(flag: str, text: str | None) -> tuple[int, int] | None:
+    """'WxH' (as --width/--height and A1111's Size) -> (height, width), the API's order."""
+    if text is None:
+        return None
+    w, h = parse_ints(flag, text, 2, "x", "WIDTHxHEIGHT in pixels, e.g. 1024x768")
+    return h, w
+
+
+def parse_crop(flag: str, text: str | None) -> tuple[int, int] | None:
+    return None if text is None else parse_ints(flag, text, 2, ",", "TOP,LEFT in pixels, e.g. 0,0")
+
+
+def parse_outpaint_fill(text: str) -> str | tuple[int, ...]:
+    if text in ("edge", "reflect"):
+        return text
+    rgb = parse_ints("--outpaint-fill", text, 3, ",", "edge, reflect or an R,G,B colour such as 128,128,128")
+    if max(rgb) > 255:
+        raise ValueError(f"--outpaint-fill colour values must be 0..255, got {text!r}")
+    return rgb
+
+
+def _our_name(kind: str, name: str | None) -> str | None:
+    """Our id for a sampler or schedule given in any of the words we read; unknown names pass through, for
+    GenerationOptions to refuse with the list of ours."""
+    try:
+        return (a1111.sampler_id if kind == "sampler" else a1111.schedule_id)(name) if name else name
+    except a1111.UnknownName:
+        return name
+
+
+def settings_from_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings from flag values in their text formats (`vars()` of the parsed command line, or a form):
+    sizes 'WxH', crops 'TOP,LEFT', outpaint 'L,T,R,B', samplers in our ids or A1111's words."""
+    s = {key: flags.get(key) for key in (*OPTION_KEYS, *RUN_KEYS)}
+    s["sampler"], s["schedule"] = _our_name("sampler", s["sampler"]), _our_name("schedule", s["schedule"])
+    for key in SIZE_KEYS:
+        s[key] = parse_size(_flag(key), s[key])
+    for key in CROP_KEYS:
+        s[key] = parse_crop(_flag(key), s[key])
+    if s["outpaint"]:
+        s["outpaint"] = parse_ints("--outpaint", s["outpaint"], 4, ",", "LEFT,TOP,RIGHT,BOTTOM pixels, e.g. 0,0,256,0")
+    s["outpaint_fill"] = parse_outpaint_fill(s["outpaint_fill"] or "edge")
+    s["clip_skip"] = s["clip_skip"] or None  # 0 and None both mean SDXL's own (penultimate) layer
+    s["store_paths"] = bool(s["store_paths"])
+    return s
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def apply_stored(settings: dict[str, Any], stored: Mapping[str, Any], keep: set[str] | frozenset[str]) -> None:
+    """Put an image's stored settings into `settings`, except the keys in `keep` (given explicitly); JSON lists
+    become the tuples the API takes. Keys that are not settings (size, hashes, ...) are left out."""
+    for key, value in stored.items():
+        if key in settings and key not in keep:
+            settings[key] = tuple(value) if isinstance(value, list) and key in TUPLE_KEYS else value
+
+
+# -- settings -> GenerationOptions
+
+
+def open_image(flag: str, path: str | None, mode: str):
+    """A PIL image in `mode` from a path (None for None); one-line errors naming the flag."""
+    from PIL import Image, UnidentifiedImageError
+
+    if path is None:
+        return None
+    if not Path(path).expanduser().is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    try:
+        return Image.open(Path(path).expanduser()).convert(mode)
+    except UnidentifiedImageError:
+        raise ValueError(f"{flag} {path}: not an image file") from None
+
+
+def generation_options(settings: Mapping[str, Any], prompt: str | None = None):
+    """The GenerationOptions of one prompt of a run (validated: ValueError naming what is allowed)."""
+    from ..options import GenerationOptions  # imports torch
+
+    fields = {key: settings[key] for key in OPTION_KEYS if key in settings}
+    if prompt is not None:
+        fields["prompt"] = prompt
+    fields["init_image"] = open_image("--init-image", settings.get("init_image"), "RGB")
+    fields["mask"] = open_image("--mask", settings.get("mask"), "L")
+    if fields.get("crop_top_left") is None:
+        fields["crop_top_left"] = (0, 0)
+    return GenerationOptions(**fields)
+
+
+# -- settings -> what a PNG stores
+
+
+def stored_name(name: str | None, keep_path: bool = False) -> str | None:
+    """How an image names a model or an input file: "builtin" or a Hub repo id as given, a local file or folder
+    by its name (its absolute path with keep_path)."""
+    if not name:
+        return name
+    path = Path(name).expanduser()
+    if not path.exists():  # a built-in model's or a Hub repo's name
+        return str(name)
+    return str(path.absolute()) if keep_path else path.name
+
+
+def model_label(name: str | None) -> str | None:
+    """A model's name in the infotext: the file's stem, as A1111 writes it ("sd_xl_base_1.0"), or the name."""
+    if not name:
+        return None
+    return stem(Path(name).name if Path(name).is_absolute() else str(name))
+
+
+def image_settings(settings: Mapping[str, Any], models: Mapping[str, Any], *, prompt: str, seed: int,
+                   batch_index: int, size: tuple[int, int]) -> dict[str, Any]:
+    """What one PNG stores: the run's settings (input files by stored name), `models` (stored names, hashes,
+    dtype, device, version: the same for the whole run), this image's prompt, seed, place and (width, height)."""
+    out = {key: value for key, value in settings.items() if key not in MODEL_KEYS}
+    for key in FILE_KEYS:
+        out[key] = stored_name(settings.get(key), bool(settings.get("store_paths")))
+    out.update(models, prompt=prompt, seed=seed, batch_index=batch_index, size=list(size))
+    return out
+
+
+def infotext(settings: Mapping[str, Any]) -> str:
+    """AUTOMATIC1111 1.10's "parameters" text of one image's settings."""
+    s, label = settings, a1111.LABELS
+    width, height = s.get("size") or (s.get("width"), s.get("height"))
+    sampler, schedule = a1111.to_a1111(s.get("sampler") or "euler", s.get("schedule") or "default")
+    refiner = model_label(s.get("refiner"))
+    if refiner and s.get("refiner_hash"):
+        refiner = f"{refiner} [{s['refiner_hash']}]"  # A1111's short title of a checkpoint
     fields = [
-        ("Steps", settings.get("steps")),
-        ("Sampler", settings.get("sampler")),
-        ("Schedule type", settings.get("schedule")),
-        ("CFG scale", settings.get("cfg")),
-        ("Seed", settings.get("seed")),
-        ("Size", f"{width}x{height}" if width and height else None),
-        ("Model", Path(str(settings["model"])).name if settings.get("model") else None),
+        (label["steps"], s.get("steps")),
+        (label["sampler"], sampler),
+        (label["schedule"], schedule),
+        (label["cfg"], s.get("cfg")),
+        (label["seed"], s.get("seed")),
+        (label["size"], f"{width}x{height}" if width and height else None),
+        (label["model_hash"], s.get("model_hash")),
+        (label["model"], model_label(s.get("model"))),
+        (label["vae_hash"], s.get("vae_hash") if s.get("vae") else None),
+        (label["vae"], model_label(s.get("vae"))),
+        (label["strength"], s.get("strength") if s.get("init_image") else None),  # A1111: img2img only
+        (label["clip_skip"], a1111.clip_skip_to_a1111(s.get("clip_skip"))),
+        (label["guidance_rescale"], s.get("guidance_rescale") or None),
+        (label["refiner"], refiner),
+        (label["refiner_switch"], s.get("refiner_switch") if refiner else None),
+        # Not "v0.1.0": A1111 would read that as its own old version and switch on its back-compatibility options
+        (label["version"], f"sdxl {s['sdxl_version']}" if s.get("sdxl_version") else None),
     ]
-    if settings.get("guidance_rescale"):
-        fields.append(("CFG rescale", settings["guidance_rescale"]))
-    if settings.get("clip_skip"):
-        fields.append(("Clip skip", settings["clip_skip"] + 1))  # A1111: 1 is SDXL's default (penultimate) layer
-    if settings.get("init_image") and settings.get("strength") is not None:
-        fields.append(("Denoising strength", settings["strength"]))
-    if settings.get("refiner"):
-        fields += [("Refiner", Path(str(settings["refiner"])).name), ("Refiner switch at", settings.get("refiner_switch"))]
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields if v is not None))
-    return "\n".join(lines)
+    return a1111.format_infotext(s.get("prompt") or "", s.get("negative_prompt") or "", fields)
 
 
 def write_png(image, path: str | Path, settings: dict[str, Any]) -> Path:
@@ -61,39 +231,192 @@ def write_png(image, path: str | Path, settings: dict[str, Any]) -> Path:
     from PIL import PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
-    info.add_text(TEXT_KEY, a1111_parameters(settings))
+    info.add_text(TEXT_KEY, infotext(settings))
     info.add_text(JSON_KEY, json.dumps({"format": FORMAT_VERSION, **settings}, sort_keys=True))
     path = Path(path)
     image.save(path, format="PNG", pnginfo=info)
     return path
 
 
-def read_settings(path: str | Path) -> dict[str, Any]:
-    """The settings `write_png` stored in a PNG. ValueError / FileNotFoundError with a one-line reason otherwise."""
+# -- other tools' settings -> ours
+
+
+def _number(where: str, value: Any, kind: type) -> Any:
+    try:
+        return kind(value) if kind is float else kind(str(value).strip())
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} is not {'an integer' if kind is int else 'a number'}: {value!r}") from None
+
+
+def _size_from(where: str, value: Any) -> tuple[int, int]:
+    """(width, height) from A1111's "1024x768" or Fooocus' "(1024, 768)" (read with a pattern, never evaluated)."""
+    match = re.fullmatch(r"\s*\(?\s*(\d+)\s*[x,]\s*(\d+)\s*\)?\s*", str(value))
+    if not match:
+        raise ValueError(f"{where} is not a WIDTHxHEIGHT size: {value!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _names(sampler: str, schedule: str | None, skip: frozenset[str]) -> dict[str, str]:
+    """Our sampler and schedule from another tool's names, but those the command line gives (whose stored
+    names need not be ones we know)."""
+    ours = {}
+    if "sampler" not in skip:
+        ours["sampler"] = a1111.sampler_from_a1111(sampler)
+    if "schedule" not in skip:
+        ours["schedule"] = a1111.schedule_from_a1111(sampler, schedule)
+    return ours
+
+
+def _clip_skip(where: str, value: Any) -> int | None:
+    return a1111.clip_skip_from_a1111(_number(where, value, int))
+
+
+# Fields read without a note: bookkeeping (versions, hashes consumed with their model), or already part of
+# what we read (Fooocus applies its styles and prompt expansion to the prompt it writes).
+A1111_INFORMATIONAL = ("Version", "User", "Hashes", "Refiner hash", "Raw prompt", "Raw negative prompt", "Styles",
+                       "Performance", "Metadata Scheme")
+FOOOCUS_NO_VAE = ("", "None", "Default (model)")  # Fooocus' words for "the model's own VAE"
+
+
+def settings_from_infotext(text: str, skip: frozenset[str] = frozenset()) -> tuple[dict[str, Any], list[str]]:
+    """(settings, labels of the fields ignored) from an A1111 / Forge / Fooocus "parameters" text. Keys in `skip`
+    (given explicitly elsewhere) are not read. ValueError with the reason for a malformed value."""
+    info = a1111.parse_infotext(text)
+    if not info.fields:
+        raise ValueError("its 'parameters' text has no settings line (Steps: ..., Sampler: ..., CFG scale: ...)")
+    fields, label = dict(info.fields), a1111.LABELS
+    s: dict[str, Any] = {"prompt": info.prompt, "negative_prompt": info.negative_prompt}
+    for key, kind in (("steps", int), ("cfg", float), ("seed", int), ("strength", float),
+                      ("guidance_rescale", float), ("refiner_switch", float)):
+        if (value := fields.pop(label[key], None)) is not None:
+            s[key] = _number(f"'{label[key]}'", value, kind)
+    schedule = fields.pop(label["schedule"], None)
+    schedule = fields.pop("Scheduler", None) or schedule  # Fooocus writes "Scheduler: karras"
+    if (sampler := fields.pop(label["sampler"], None)) is not None:
+        s.update(_names(sampler, schedule, skip))
+    if (size := fields.pop(label["size"], None)) is not None:
+        s["width"], s["height"] = _size_from("'Size'", size)
+    if (clip := fields.pop(label["clip_skip"], None)) is not None:
+        s["clip_skip"] = _clip_skip("'Clip skip'", clip)
+    for key in ("model", "vae"):
+        s[key] = fields.pop(label[key], None)
+        s[HASH_KEYS[key]] = fields.pop(label[HASH_KEYS[key]], None)
+    if s["vae"] in FOOOCUS_NO_VAE:
+        s["vae"] = None
+    if refiner := fields.pop(label["refiner"], None):
+        match = re.fullmatch(r"(.*?)\s*\[([0-9a-fA-F]+)\]", refiner)  # A1111: "name [short hash]"
+        s["refiner"], s["refiner_hash"] = (match.group(1), match.group(2)) if match else (refiner, None)
+    ignored = [key for key in fields if key not in A1111_INFORMATIONAL]
+    return {k: v for k, v in s.items() if k not in skip and v is not None}, ignored
+
+
+FOOOCUS_INFORMATIONAL = ("version", "metadata_scheme", "created_by", "prompt", "negative_prompt", "styles",
+                         "prompt_expansion", "performance", "base_model_hash", "refiner_model_hash")
+
+
+def settings_from_fooocus(data: Mapping[str, Any], skip: frozenset[str] = frozenset()) -> tuple[dict[str, Any], list[str]]:
+    """(settings, keys ignored) from Fooocus' JSON metadata scheme (meta_parser.py's FooocusMetadataParser)."""
+    d = dict(data)
+    s: dict[str, Any] = {}
+    for key, full in (("prompt", "full_prompt"), ("negative_prompt", "full_negative_prompt")):
+        # the full prompt is what the model was given: the prompt after Fooocus' styles and GPT-2 expansion
+        value = d.pop(full, None)
+        s[key] = ", ".join(map(str, value)) if isinstance(value, list) else str(value or d.get(key) or "")
+    for key, ours, kind in (("steps", "steps", int), ("guidance_scale", "cfg", float), ("seed", "seed", int),
+                            ("refiner_switch", "refiner_switch", float), ("denoising_strength", "strength", float)):
+        if (value := d.pop(key, None)) is not None:
+            s[ours] = _number(f"Fooocus' {key!r}", value, kind)
+    if (size := d.pop("resolution", None)) is not None:
+        s["width"], s["height"] = _size_from("Fooocus' 'resolution'", size)
+    if (sampler := d.pop("sampler", None)) is not None:
+        s.update(_names(str(sampler), d.pop("scheduler", None), skip))
+    if (clip := d.pop("clip_skip", None)) is not None:
+        s["clip_skip"] = _clip_skip("Fooocus' 'clip_skip'", clip)
+    s["model"], s["model_hash"] = d.pop("base_model", None), d.get("base_model_hash")
+    refiner, vae = d.pop("refiner_model", None), d.pop("vae", None)
+    s["refiner"] = None if refiner in FOOOCUS_NO_VAE else refiner
+    s["vae"] = None if vae in FOOOCUS_NO_VAE else vae
+    ignored = [k for k, v in d.items() if k not in FOOOCUS_INFORMATIONAL and v not in (None, "", "None", [], {})]
+    return {k: v for k, v in s.items() if k not in skip and v is not None}, ignored
+
+
+# -- PNGs -> settings
+
+
+@dataclass
+class Stored:
+    """Settings read from an image, where they came from, and the fields of theirs that were ignored."""
+
+    settings: dict[str, Any]
+    source: str  # "sdxl" (our JSON chunk), "AUTOMATIC1111" (A1111 / Forge / Fooocus text) or "Fooocus" (JSON)
+    ignored: list[str] = field(default_factory=list)
+
+
+def _png_text(path: Path) -> dict[str, str]:
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
         with Image.open(path) as image:
-            kind = image.format
-            text = image.info.get(JSON_KEY) if kind == "PNG" else None
-            has_a1111 = kind == "PNG" and TEXT_KEY in image.info
+            kind, info = image.format, dict(image.info)
     except UnidentifiedImageError:
-        raise ValueError(f"{path}: not an image; --from-image takes a PNG written by `sdxl generate`") from None
+        raise ValueError(f"{path}: not an image; --from-image takes a PNG with generation settings") from None
     if kind != "PNG":
         raise ValueError(f"{path}: a {kind} image, not a PNG written by `sdxl generate` (no settings stored)")
-    if text is None:
-        extra = " (it has A1111 'parameters' text, but not the 'sdxl' settings needed to re-run it exactly)" if has_a1111 else ""
-        raise ValueError(f"{path}: no sdxl generation settings in this PNG{extra}; it was not written by `sdxl generate`")
+    return {k: v for k, v in info.items() if isinstance(v, str)}
+
+
+def _from_json_chunk(text: str, skip: frozenset[str]) -> dict[str, Any]:
     try:
         settings = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: the '{JSON_KEY}' settings chunk is not valid JSON ({e})") from None
+        raise ValueError(f"the '{JSON_KEY}' settings chunk is not valid JSON ({e})") from None
     if not isinstance(settings, dict):
-        raise ValueError(f"{path}: the '{JSON_KEY}' settings chunk is not a JSON object")
+        raise ValueError(f"the '{JSON_KEY}' settings chunk is not a JSON object")  # noqa: TRY004
     version = settings.pop("format", None)
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: settings format {version!r} is not one this sdxl reads ({FORMAT_VERSION})")
+        raise ValueError(f"settings format {version!r} is not one this sdxl reads ({FORMAT_VERSION})")
+    for key, to_id in (("sampler", a1111.sampler_id), ("schedule", a1111.schedule_id)):
+        if isinstance(settings.get(key), str) and key not in skip:
+            settings[key] = to_id(settings[key])  # ids (older files) or A1111's words
     return settings
+
+
+def _from_parameters(text: str, scheme: str | None, skip: frozenset[str]) -> Stored:
+    if text.lstrip().startswith("{") or scheme == "fooocus":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"its '{TEXT_KEY}' chunk is Fooocus-style JSON but not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"its '{TEXT_KEY}' chunk is JSON but not an object of Fooocus settings")
+        settings, ignored = settings_from_fooocus(data, skip)
+        return Stored(settings, "Fooocus", ignored)
+    settings, ignored = settings_from_infotext(text, skip)
+    return Stored(settings, "AUTOMATIC1111", ignored)
+
+
+def read_image(path: str | Path, *, skip: set[str] | frozenset[str] = frozenset()) -> Stored:
+    """The settings stored in a PNG: our "sdxl" JSON chunk (exact), else the "parameters" chunk that
+    AUTOMATIC1111, Forge and Fooocus write. Settings in `skip` are not read (the caller gives them).
+
+    FileNotFoundError / ValueError with a one-line reason naming the file (a1111.UnknownName, a ValueError, for a
+    sampler or schedule that is none of ours)."""
+    path, skip = Path(path), frozenset(skip)
+    chunks = _png_text(path)
+    try:
+        if JSON_KEY in chunks:
+            return Stored(_from_json_chunk(chunks[JSON_KEY], skip), "sdxl")
+        if TEXT_KEY in chunks:
+            return _from_parameters(chunks[TEXT_KEY], chunks.get(FOOOCUS_SCHEME_KEY), skip)
+    except ValueError as e:
+        e.args = (f"{path}: {e}",)
+        raise
+    raise ValueError(f"{path}: no sdxl generation settings in this PNG (neither an '{JSON_KEY}' nor a "
+                     f"'{TEXT_KEY}' chunk); it was not written by `sdxl generate`, AUTOMATIC1111, Forge or Fooocus")
+
+
+def read_settings(path: str | Path) -> dict[str, Any]:
+    """The settings stored in a PNG (see `read_image`)."""
+    return read_image(path).settings
