@@ -34,7 +34,7 @@ from sdxl.models import clip as clip_models
 from sdxl.models import unet as unet_models
 from sdxl.models import vae as vae_models
 from sdxl.models.clip import CLIPTextEncoder
-from sdxl.models.tokenizer import clip_g_tokenizer, clip_l_tokenizer
+from sdxl.models.tokenizer import Tokenizer, clip_g_tokenizer, clip_l_tokenizer
 from sdxl.models.unet import UNet, micro_conditioning
 from sdxl.models.vae import AutoencoderKL
 
@@ -382,6 +382,11 @@ def run_unets(ours: UNet, theirs, x, t, context, pooled, time_ids) -> tuple[torc
     return ours(x, t, context, y), reference
 
 
+def diffusers_tokenizer_2() -> Tokenizer:
+    """diffusers' tokenizer_2 exactly: our clip_g_tokenizer but for "!", which diffusers reads as its pad token."""
+    return Tokenizer(max_length=77, pad_token_id=0)
+
+
 def hf_ids(tokenizer, prompts) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
@@ -420,13 +425,13 @@ def test_diffusers_pipeline_loads_folder(base, base_folder):
     assert pipe.scheduler.config.timestep_spacing == "leading" and pipe.scheduler.config.steps_offset == 1
     assert pipe.config.force_zeros_for_empty_prompt is True
     # the tokenizers we wrote tokenize as ours
-    for hf, ours in ((pipe.tokenizer, clip_l_tokenizer()), (pipe.tokenizer_2, clip_g_tokenizer())):
+    for hf, ours in ((pipe.tokenizer, clip_l_tokenizer()), (pipe.tokenizer_2, diffusers_tokenizer_2())):
         assert torch.equal(hf_ids(hf, PROMPTS), ours(PROMPTS))
     assert (pipe.tokenizer.pad_token, pipe.tokenizer_2.pad_token) == ("<|endoftext|>", "!")
     # the pipeline's text conditioning: both encoders' penultimate layers, bigG's projected pool
     embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS[:2], device="cpu", do_classifier_free_guidance=False)
     h1, _ = base.text_encoder(clip_l_tokenizer()(PROMPTS[:2]), pooled=False)
-    h2, p2 = base.text_encoder_2(clip_g_tokenizer()(PROMPTS[:2]))
+    h2, p2 = base.text_encoder_2(diffusers_tokenizer_2()(PROMPTS[:2]))
     assert_close(torch.cat([h1, h2], dim=-1), embeds, "prompt embeds")
     assert_close(p2, pooled, "pooled prompt embeds")
     # and its U-Net and VAE are ours
@@ -441,7 +446,7 @@ def test_diffusers_loads_refiner_folder(refiner, refiner_folder):
     pipe = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner_folder, local_files_only=True)
     assert pipe.text_encoder is None and pipe.tokenizer is None
     assert pipe.config.requires_aesthetics_score is True
-    tokens = clip_g_tokenizer()(PROMPTS)
+    tokens = diffusers_tokenizer_2()(PROMPTS)
     assert torch.equal(hf_ids(pipe.tokenizer_2, PROMPTS), tokens)
     out = pipe.text_encoder_2(input_ids=tokens, output_hidden_states=True)
     hidden, pool = refiner.text_encoder_2(tokens)

@@ -144,16 +144,21 @@ def _assert_rows_equal(ours: torch.Tensor, ref: torch.Tensor, texts) -> None:
 # --- equality with transformers --------------------------------------------------------
 
 
+def diffusers_tokenizer_2() -> Tokenizer:
+    """diffusers' tokenizer_2 exactly: our clip_g_tokenizer but for "!", which diffusers reads as its pad token."""
+    return Tokenizer(max_length=77, pad_token_id=0)
+
+
 @pytest.mark.parametrize("encoder", [1, 2])
 def test_matches_transformers(hf_tokenizers, encoder):
-    ours = (clip_l_tokenizer, clip_g_tokenizer)[encoder - 1]()
+    ours = (clip_l_tokenizer, diffusers_tokenizer_2)[encoder - 1]()
     hf = hf_tokenizers[encoder - 1]
     _assert_rows_equal(ours(CORPUS), _hf_ids(hf, CORPUS), CORPUS)
 
 
 @pytest.mark.parametrize("encoder", [1, 2])
 def test_encode_matches_transformers_without_truncation(hf_tokenizers, encoder):
-    ours = (clip_l_tokenizer, clip_g_tokenizer)[encoder - 1]()
+    ours = (clip_l_tokenizer, diffusers_tokenizer_2)[encoder - 1]()
     hf = hf_tokenizers[encoder - 1]
     for text in CORPUS:
         assert ours.encode(text) == hf.encode(text, add_special_tokens=False), text
@@ -221,11 +226,15 @@ def test_truncation_keeps_end_token_last(text):
         assert row[1:-1].tolist() == ids[:75]
 
 
-def test_clip_g_turns_exclamation_marks_into_padding(hf_tokenizers):
-    # transformers never splits special-token text, and tokenizer_2's pad token is "!"
-    assert clip_g_tokenizer().encode("wow!!!")[-3:] == [0, 0, 0]
+def test_exclamation_marks_are_punctuation_for_clip_g_as_in_open_clip(hf_tokenizers):
+    # diffusers' tokenizer_2 never splits its pad token's text "!", so every "!" becomes the pad id 0
+    assert diffusers_tokenizer_2().encode("wow!!!")[-3:] == [0, 0, 0]
+    assert hf_tokenizers[1].encode("wow!!!", add_special_tokens=False)[-3:] == [0, 0, 0]
+    # ours reads it as open_clip (sgm, AUTOMATIC1111, ComfyUI) does: "!</w>" = 256, the same ids as CLIP ViT-L's
+    assert clip_g_tokenizer().encode("wow!!!") == clip_l_tokenizer().encode("wow!!!")
+    assert clip_g_tokenizer().encode("wow!!!") == Tokenizer(pad_token_id=0, cleaning="open_clip").encode("wow!!!")
     assert clip_l_tokenizer().encode("wow!!!") == hf_tokenizers[0].encode("wow!!!", add_special_tokens=False)
-    assert 0 not in clip_l_tokenizer().encode("wow!!!")
+    assert 0 not in clip_l_tokenizer().encode("wow!!!") and 256 in clip_g_tokenizer().encode("a!")
 
 
 def test_constructors_are_cached():

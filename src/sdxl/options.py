@@ -53,6 +53,7 @@ SDXL_BUCKETS: tuple[Size, ...] = tuple((w, h) for h, w in _SDXL_PAPER_HW)
 SDXL_RESOLUTIONS: frozenset[Size] = frozenset(SDXL_BUCKETS) | {(h, w) for w, h in SDXL_BUCKETS}
 
 OUTPUTS = ("pil", "np", "latent")
+EMPHASIS = ("original", "no_norm", "comfy", "none")  # sdxl.conditioning's weightings of (word:1.2)
 DEFAULT_CFG = 5.0  # the guidance scale for models that recommend none (SDXL's usual 5-7)
 SDXL_LATENT_SIZE = 128  # sample_size of a full-size SDXL U-Net (1024 pixels): the one the bucket table is for
 
@@ -125,6 +126,9 @@ class GenerationOptions:
     aesthetic_score: float = 6.0  # refiner only
     negative_aesthetic_score: float = 2.5
     clip_skip: int | None = None  # 0/None: penultimate layer (SDXL); k: k more layers skipped
+    # how (word:1.2) weights apply: "original" (AUTOMATIC1111's default: scale, keep each chunk's mean), "no_norm",
+    # "comfy" (ComfyUI's: from the empty prompt's encoding towards the word's), "none" (the text taken literally)
+    emphasis: str = "original"
     output: str = "pil"  # "pil" (list of images), "np" (float32 (B, H, W, 3) in [0, 1]), "latent"
     vae_tiling: bool = False  # encode / decode large images in tiles
 
@@ -175,6 +179,8 @@ class GenerationOptions:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(sampling.SAMPLERS)}")
         if self.schedule not in sampling.SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(sampling.SCHEDULES)}")
+        if self.emphasis not in EMPHASIS:
+            raise ValueError(f"unknown emphasis {self.emphasis!r}; choose one of {', '.join(EMPHASIS)}")
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
 

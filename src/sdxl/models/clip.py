@@ -166,7 +166,7 @@ class CLIPTextEncoder(nn.Module):
         return (tokens == self.config.eos_token_id).int().argmax(dim=-1)
 
     def forward(
-        self, tokens: Tensor, *, hidden_layer: int = -2, pooled: bool = True
+        self, tokens: Tensor, *, hidden_layer: int = -2, pooled: bool = True, token_embeds: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """tokens (B, 77) int64 -> (hidden (B, 77, W), pooled (B, P or W)).
 
@@ -177,6 +177,8 @@ class CLIPTextEncoder(nn.Module):
         pooled = ln_final(output of the last block) at the end-of-text position, then
         @ text_projection if the config has one. With `pooled=False` the blocks after
         `hidden_layer` are skipped and None is returned instead (SDXL's encoder 1 needs no pooled).
+        token_embeds: (B, 77, W) used instead of token_embedding(tokens) (textual-inversion vectors in place);
+        `tokens` still say where the end-of-text token is.
         """
         t = tokens.shape[1]
         if t > self.config.max_positions:
@@ -184,7 +186,7 @@ class CLIPTextEncoder(nn.Module):
         keep = self.block_index(hidden_layer)
         last = len(self.transformer.resblocks) - 1 if pooled else keep
 
-        x = self.token_embedding(tokens) + self.positional_embedding[:t]
+        x = (self.token_embedding(tokens) if token_embeds is None else token_embeds) + self.positional_embedding[:t]
         hidden = x
         for i, block in enumerate(self.transformer.resblocks[: last + 1]):
             x = block(x)

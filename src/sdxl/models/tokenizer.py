@@ -31,8 +31,10 @@ what diffusers' SDXL pipelines use:
       raw prompt; '<|startoftext|>' / '<|endoftext|>' after lowercasing, except
       that an end token that is also the pad token is matched only in the raw
       prompt. (That is how transformers registers them from those files.) For
-      clip_g this means every "!" in a prompt becomes id 0, the pad token "!",
-      rather than the ordinary "!</w>" (256) that open_clip produces.
+      diffusers' tokenizer_2 this means every "!" in a prompt becomes id 0, the pad
+      token "!", rather than the ordinary "!</w>" (256) that open_clip produces;
+      clip_g_tokenizer() reads "!" as open_clip does (pad_text_is_special=False),
+      the one place where it differs from diffusers on purpose.
     * Special-token text that was not matched, e.g. "<|EndOfText|>" for clip_l, is
       split like ordinary text ("<|", "endoftext", "|>").
 
@@ -170,7 +172,8 @@ def _open_clip_clean(text: str) -> str:
 class Tokenizer:
     """CLIP tokenizer: text -> (B, max_length) int64 ids, [SOT] + BPE ids + [EOT] + padding."""
 
-    def __init__(self, max_length: int = 77, pad_token_id: int = EOT, cleaning: Cleaning = "transformers"):
+    def __init__(self, max_length: int = 77, pad_token_id: int = EOT, cleaning: Cleaning = "transformers",
+                 pad_text_is_special: bool = True):
         if max_length < 2:
             raise ValueError(f"max_length must leave room for the start and end tokens, got {max_length}")
         if not 0 <= pad_token_id < VOCAB_SIZE:
@@ -184,7 +187,8 @@ class Tokenizer:
         # transformers never splits special-token text; see the module docstring for which
         # literal is matched before and which after normalization
         pad_text = self._bpe.tokens[pad_token_id]
-        self._raw_specials = {pad_text: pad_token_id}
+        # pad_text_is_special=False: the pad token's text is ordinary text (open_clip's "!" is "!</w>", 256)
+        self._raw_specials = {pad_text: pad_token_id} if pad_text_is_special or pad_token_id == EOT else {}
         self._normalized_specials = {s: i for s, i in _SPECIAL_TEXT.items() if s != pad_text}
         self._raw_splitter = _literal_splitter(self._raw_specials)
         self._normalized_splitter = _literal_splitter(self._normalized_specials)
@@ -261,8 +265,12 @@ def clip_l_tokenizer() -> Tokenizer:
 
 @lru_cache(maxsize=None)
 def clip_g_tokenizer() -> Tokenizer:
-    """Tokenizer for SDXL text encoder 2 (OpenCLIP ViT-bigG/14): pads with 0, as open_clip and diffusers do."""
-    return Tokenizer(max_length=77, pad_token_id=0)
+    """Tokenizer for SDXL text encoder 2 (OpenCLIP ViT-bigG/14): pads with 0, as open_clip and diffusers do.
+
+    "!" in a prompt is the ordinary "!</w>" (256), as open_clip (which sgm, AUTOMATIC1111 and ComfyUI use) reads
+    it; diffusers' tokenizer_2, whose pad token is "!", turns every "!" into the pad id 0 instead (on purpose
+    different: an exclamation mark is punctuation, not padding)."""
+    return Tokenizer(max_length=77, pad_token_id=0, pad_text_is_special=False)
 
 
 @lru_cache(maxsize=None)
