@@ -21,8 +21,9 @@ PAIRS = [(sampler, schedule) for sampler in sampling.SAMPLERS for schedule in sa
 def test_every_sampler_and_schedule_has_a_row():
     assert set(a1111.SAMPLERS) == set(sampling.SAMPLERS)
     assert set(a1111.SCHEDULES) == set(sampling.SCHEDULES)
-    labels = [row.label for row in a1111.SAMPLERS.values()] + [row.label for row in a1111.SCHEDULES.values()]
-    assert len(set(map(str.lower, labels))) == len(labels)  # no label names two things
+    for table in (a1111.SAMPLERS, a1111.SCHEDULES):  # no label names two samplers or two schedules (A1111 itself
+        labels = [row.label for row in table.values()]  # calls both a sampler and a schedule "DDIM")
+        assert len(set(map(str.lower, labels))) == len(labels)
 
 
 @pytest.mark.parametrize("sampler, schedule", PAIRS)
@@ -68,14 +69,19 @@ def test_a1111_1_10_words():
     ("euler_ancestral", "sgm_uniform", ("euler_ancestral", "sgm_uniform")),
     ("lcm", None, ("lcm", "default")),
     ("dpm++ 2m karras", None, ("dpmpp_2m", "karras")),
+    ("LMS Karras", None, ("lms", "karras")), ("DPM2 a", None, ("dpm_2_ancestral", "default")),
+    ("UniPC", "Align Your Steps", ("uni_pc", "align_your_steps")), ("DPM++ 2M SDE Heun Exponential", None,
+                                                                     ("dpmpp_2m_sde_heun", "exponential")),
+    ("Restart", "Automatic", ("restart", "karras")), ("DPM++ 3M SDE", "Automatic", ("dpmpp_3m_sde", "exponential")),
+    ("DPMSolverMultistepScheduler", "Karras", ("dpmpp_2m", "karras")), ("Euler", "DDIM", ("euler", "ddim_uniform")),
 ])
 def test_old_combined_names_aliases_and_comfyui_ids_are_read(sampler, schedule_type, expected):
     assert a1111.from_a1111(sampler, schedule_type) == expected
 
 
 @pytest.mark.parametrize("sampler, schedule_type, kind", [
-    ("LMS Karras", None, "sampler"), ("UniPC", None, "sampler"), ("DPM++ 2M", "Uniform", "schedule"),
-    ("Euler", "Align Your Steps", "schedule"),
+    ("DPM fast Karras", None, "sampler"), ("PLMS", None, "sampler"), ("DPM++ 2M", "Uniform", "schedule"),
+    ("Euler", "Turbo", "schedule"),
 ])
 def test_unknown_names_say_which_and_list_ours(sampler, schedule_type, kind):
     with pytest.raises(a1111.UnknownName) as e:
@@ -136,7 +142,7 @@ def test_an_a1111_infotext_becomes_our_settings():
         "model": "sd_xl_base_1.0", "model_hash": "31e35c80fc"}
     assert ignored == ["ADetailer model", "Lora hashes"]  # Version and Hashes are bookkeeping
     # What the command line gives is not read: an unknown sampler does not matter then
-    odd = A1111_TEXT.replace("DPM++ 2M", "Restart")
+    odd = A1111_TEXT.replace("DPM++ 2M", "DPM fast")
     with pytest.raises(a1111.UnknownName):
         metadata.settings_from_infotext(odd)
     assert "sampler" not in metadata.settings_from_infotext(odd, frozenset({"sampler"}))[0]
@@ -272,3 +278,17 @@ def test_the_json_chunk_reads_older_ids_and_a1111s_words(tmp_path):
         metadata.read_settings(tmp_path / "new.png")
     # given on the command line instead: not read, so no error
     assert metadata.read_image(tmp_path / "new.png", skip={"sampler"}).settings["sampler"] == "res_multistep"
+
+
+def test_combined_names_on_the_command_line_set_both_and_emphasis_round_trips():
+    s = metadata.settings_from_flags({"sampler": "DPM++ 2M Karras", "schedule": "default"})
+    assert (s["sampler"], s["schedule"]) == ("dpmpp_2m", "karras")
+    s = metadata.settings_from_flags({"sampler": "Euler a", "schedule": "Align Your Steps"})
+    assert (s["sampler"], s["schedule"]) == ("euler_ancestral", "align_your_steps")
+    text = metadata.infotext({"prompt": "p", "steps": 4, "sampler": "euler", "schedule": "karras", "cfg": 5.0,
+                              "seed": 1, "emphasis": "no_norm"})
+    assert "Emphasis: No norm" in text
+    assert metadata.settings_from_infotext(text)[0]["emphasis"] == "no_norm"
+    assert "Emphasis" not in metadata.infotext({"prompt": "p", "steps": 4, "emphasis": "original"})
+    with pytest.raises(ValueError, match="'Emphasis: Loud' is none of Original, No norm"):
+        metadata.settings_from_infotext(text.replace("No norm", "Loud"))

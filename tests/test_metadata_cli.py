@@ -233,12 +233,12 @@ def test_malformed_chunks_are_one_line_errors_naming_the_file(tiny, tmp_path, ru
 
 
 def test_an_unknown_sampler_exits_2_with_one_line_listing_ours(tiny, tmp_path):
-    png_with(tmp_path / "lms.png", parameters=A1111_1_10.replace("Sampler: DPM++ 2M", "Sampler: LMS Karras"))
+    png_with(tmp_path / "lms.png", parameters=A1111_1_10.replace("Sampler: DPM++ 2M", "Sampler: DPM fast Karras"))
     r = subprocess.run([sys.executable, "-m", "sdxl", "generate", "--from-image", str(tmp_path / "lms.png"),
                         "--model", str(tiny), "--out", str(tmp_path / "out.png")], capture_output=True, text=True, check=False)
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
     [line] = r.stderr.splitlines()
-    assert line.startswith(f"sdxl generate: error: {tmp_path / 'lms.png'}: unknown sampler 'LMS Karras'; sdxl has Euler")
+    assert line.startswith(f"sdxl generate: error: {tmp_path / 'lms.png'}: unknown sampler 'DPM fast Karras'; sdxl has Euler")
     assert all(f"({name})" in line for name in ("euler", "euler_ancestral", "dpmpp_2m", "lcm"))
     assert line.endswith("pass --sampler to choose one")
     assert not (tmp_path / "out.png").exists()

@@ -313,8 +313,10 @@ class PromptCache:
 
 
 def conditioning(parts: Components, o: GenerationOptions, width: int, height: int, cache: PromptCache, *,
-                 embeddings: Mapping[str, object] | None = None) -> Conditioning:
-    """The conditioning of `parts`' U-Net for options `o` at an output size of width x height."""
+                 embeddings: Mapping[str, object] | None = None, negative: bool | None = None) -> Conditioning:
+    """The conditioning of `parts`' U-Net for options `o` at an output size of width x height.
+
+    negative: build the negative branch (default: when guided, cfg > 1; the CFG++ samplers need it always)."""
     hidden_layer = PENULTIMATE - (o.clip_skip or 0)
     encode = lambda text, text_2: cache.encode(parts, text, text_2, hidden_layer, emphasis=o.emphasis,  # noqa: E731
                                                embeddings=embeddings)
@@ -326,7 +328,7 @@ def conditioning(parts: Components, o: GenerationOptions, width: int, height: in
                            dim=config.addition_time_embed_dim)
     b = o.batch
     context, y = context.expand(b, -1, -1), y.expand(b, -1)
-    if not o.cfg > 1.0:
+    if not (o.cfg > 1.0 if negative is None else negative):
         return Conditioning(context, y, False)
 
     neg_2 = o.negative_prompt_2 or o.negative_prompt

@@ -75,26 +75,31 @@ def rescale_guidance(guided: Tensor, cond: Tensor, amount: float) -> Tensor:
 
 
 def guided_unet(unet: torch.nn.Module, cond: Conditioning, cfg: float, rescale: float,
-                extra: Tensor | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+                extra: Tensor | None = None, *, uncond: bool = False) -> Callable[[Tensor, Tensor], Tensor | tuple]:
     """The model function the samplers' denoiser calls: the U-Net with classifier-free guidance (and
-    guidance rescale) on its eps / v prediction; `extra` are input channels appended to x (inpainting U-Nets)."""
+    guidance rescale) on its eps / v prediction; `extra` are input channels appended to x (inpainting U-Nets).
+
+    uncond: return (guided, unconditional) predictions, the pair the CFG++ samplers need (`sampling.Denoiser`
+    turns it into (denoised, uncond_denoised)); without a negative branch (cond.guided False) the conditional
+    prediction is both."""
     dtype = _param(unet).dtype
     if extra is not None:
         extra = (torch.cat([extra, extra]) if cond.guided else extra).to(dtype)
 
-    def model_fn(x_in: Tensor, t: Tensor) -> Tensor:
+    def model_fn(x_in: Tensor, t: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         h = x_in.to(dtype)
         if cond.guided:
             h = torch.cat([h, h])
         if extra is not None:
             h = torch.cat([h, extra], dim=1)
         out = unet(h, t, cond.context, cond.y)
+        negative = out
         if cond.guided:
-            uncond, text = out.chunk(2)
-            out = uncond + cfg * (text - uncond)
+            negative, text = out.chunk(2)
+            out = negative + cfg * (text - negative)
             if rescale > 0:
                 out = rescale_guidance(out, text, rescale)
-        return out.float()
+        return (out.float(), negative.float()) if uncond else out.float()
 
     return model_fn
 
@@ -287,14 +292,16 @@ class Pipeline:
 
     def _denoise(self, stage: _Stage, run: _Run, x: Tensor) -> Tensor:
         parts, o, inpaint = stage.parts, run.options, run.inpaint
-        cond = conditioning(parts, o, run.width, run.height, self.prompts)
+        cfg_pp = stage.plan.sampler in sampling.CFG_PP_SAMPLERS
+        # CFG++ needs the unconditional prediction at every guidance scale (its scale is usually <= 1)
+        cond = conditioning(parts, o, run.width, run.height, self.prompts, negative=o.cfg > 1 or cfg_pp)
         nine = inpaint is not None and parts.unet.config.in_channels == 9
         extra = torch.cat([inpaint.mask, inpaint.masked_latents], dim=1) if nine else None
-        model_fn = guided_unet(parts.unet, cond, o.cfg, o.guidance_rescale, extra)
+        model_fn = guided_unet(parts.unet, cond, o.cfg, o.guidance_rescale, extra, uncond=cfg_pp)
         denoiser = sampling.Denoiser(model_fn, sampling.TrainingSchedule.from_diffusers(parts.scheduler), stage.plan)
         blend = _Blend(inpaint, stage.plan) if inpaint is not None and not nine else None
 
-        def on_step(step: int, steps: int, latents: Tensor) -> None:
+        def on_step(step: int, steps: int, latents: Tensor, denoised: Tensor) -> None:
             if blend is not None:
                 blend.step_done(step)
             run.progress.step(latents)

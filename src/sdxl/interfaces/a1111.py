@@ -21,30 +21,63 @@ from typing import Any, NamedTuple
 
 
 class SamplerName(NamedTuple):
-    label: str  # what AUTOMATIC1111 1.10 writes after "Sampler:" (and lists in its UI)
+    label: str  # what AUTOMATIC1111 1.10 writes after "Sampler:" (and lists in its UI); ours where it has none
     automatic: str = "default"  # our schedule for A1111's "Automatic": the schedule A1111 runs this sampler on
-    aliases: tuple[str, ...] = ()  # also read: A1111's API aliases, ComfyUI ids, Fooocus ids
+    aliases: tuple[str, ...] = ()  # also read: A1111's API aliases, Forge's and Fooocus' ids, diffusers' classes
+    note: str = ""  # when to use it (`sdxl samplers`)
 
 
 class ScheduleName(NamedTuple):
     label: str  # what AUTOMATIC1111 1.10 writes after "Schedule type:" (ours where A1111 has no equivalent)
     aliases: tuple[str, ...] = ()
+    note: str = ""
 
 
 # Our sampler id -> A1111's name. Our ids are ComfyUI's, and are always read too. Adding a sampler is adding a row.
+# A1111's "Automatic" schedule is the one its sd_samplers_kdiffusion.py table gives the sampler ('scheduler').
+# A diffusers class name stands for that scheduler's default configuration (DPMSolverMultistepScheduler: 2M).
 SAMPLERS: dict[str, SamplerName] = {
-    "euler": SamplerName("Euler", aliases=("k_euler",)),
-    "euler_ancestral": SamplerName("Euler a", aliases=("k_euler_a", "k_euler_ancestral", "Euler Ancestral")),
-    "heun": SamplerName("Heun", aliases=("k_heun",)),
-    # A1111 1.9+ runs DPM++ 2M and DPM++ SDE on Karras sigmas, and DPM++ 2M SDE on exponential ones, when the
-    # schedule is "Automatic" (their `'scheduler'` option in sd_samplers_kdiffusion.py).
-    "dpmpp_2m": SamplerName("DPM++ 2M", "karras", ("k_dpmpp_2m",)),
+    "euler": SamplerName("Euler", aliases=("k_euler", "EulerDiscreteScheduler"),
+                         note="first-order ODE solver, deterministic: the safe default (SDXL's own scheduler)"),
+    "euler_cfg_pp": SamplerName("Euler CFG++", note="Euler with CFG++ guidance (Chung et al. 2024): use cfg 0.5-1"),
+    "euler_ancestral": SamplerName("Euler a", aliases=("k_euler_a", "k_euler_ancestral", "Euler Ancestral",
+                                                        "EulerAncestralDiscreteScheduler"),
+                                   note="Euler with fresh noise each step: varied, soft; does not converge with steps"),
+    "euler_ancestral_cfg_pp": SamplerName("Euler a CFG++", note="Euler a with CFG++ guidance: use cfg 0.5-1"),
+    "heun": SamplerName("Heun", aliases=("k_heun", "HeunDiscreteScheduler"),
+                        note="second-order, 2 U-Net calls a step: accurate, twice the time"),
+    "dpm_2": SamplerName("DPM2", aliases=("k_dpm_2", "KDPM2DiscreteScheduler"),
+                         note="DPM-Solver-2, 2 U-Net calls a step (Karras et al.'s schedule by default)"),
+    "dpm_2_ancestral": SamplerName("DPM2 a", aliases=("k_dpm_2_a", "KDPM2AncestralDiscreteScheduler"),
+                                   note="DPM2 with fresh noise each step"),
+    "lms": SamplerName("LMS", aliases=("k_lms", "LMSDiscreteScheduler"),
+                       note="linear multistep, order 4: fast convergence on smooth schedules"),
+    "dpmpp_2s_ancestral": SamplerName("DPM++ 2S a", aliases=("k_dpmpp_2s_a", "k_dpmpp_2s_ancestral"),
+                                      note="DPM-Solver++(2S) with noise, 2 U-Net calls a step"),
+    # A1111 1.9+ runs DPM++ 2M and DPM++ SDE on Karras sigmas, and the SDE multistep ones on exponential sigmas.
+    "dpmpp_sde": SamplerName("DPM++ SDE", "karras", ("k_dpmpp_sde", "dpmpp_sde_gpu", "DPMSolverSDEScheduler"),
+                             note="DPM-Solver++ SDE, 2 U-Net calls a step: detailed at few steps (8-15)"),
+    "dpmpp_2m": SamplerName("DPM++ 2M", "karras", ("k_dpmpp_2m", "DPMSolverMultistepScheduler"),
+                            note="DPM-Solver++(2M), multistep: sharp and quick, 20-30 steps; best with Karras"),
     # A1111's DPM++ 2M SDE is the midpoint variant, as ours (diffusers' default solver_type); "_gpu" is
     # ComfyUI's / Fooocus' same sampler with its Brownian noise drawn on the GPU.
-    "dpmpp_2m_sde": SamplerName("DPM++ 2M SDE", "exponential", ("k_dpmpp_2m_sde", "dpmpp_2m_sde_gpu")),
-    "dpmpp_sde": SamplerName("DPM++ SDE", "karras", ("k_dpmpp_sde", "dpmpp_sde_gpu")),
-    "ddim": SamplerName("DDIM"),
-    "lcm": SamplerName("LCM", aliases=("k_lcm",)),
+    "dpmpp_2m_sde": SamplerName("DPM++ 2M SDE", "exponential", ("k_dpmpp_2m_sde", "dpmpp_2m_sde_gpu"),
+                                note="DPM-Solver++(2M) SDE (midpoint): more detail than 2M, needs 25+ steps"),
+    "dpmpp_2m_sde_heun": SamplerName("DPM++ 2M SDE Heun", "exponential", ("k_dpmpp_2m_sde_heun",
+                                                                          "dpmpp_2m_sde_heun_gpu"),
+                                     note="DPM-Solver++(2M) SDE with the Heun solver type"),
+    "dpmpp_3m_sde": SamplerName("DPM++ 3M SDE", "exponential", ("k_dpmpp_3m_sde", "dpmpp_3m_sde_gpu"),
+                                note="third-order multistep SDE: best at 30+ steps"),
+    "ddim": SamplerName("DDIM", aliases=("DDIMScheduler",), note="DDIM (Song et al. 2020), eta 0, deterministic"),
+    "lcm": SamplerName("LCM", aliases=("k_lcm", "LCMScheduler"),
+                       note="for LCM-distilled models and LoRAs: 4-8 steps, cfg 1-2"),
+    "tcd": SamplerName("TCD", aliases=("TCDScheduler",), note="for TCD-distilled models and LoRAs: 4-8 steps"),
+    "ipndm": SamplerName("IPNDM", note="improved pseudo linear multistep, order 4, deterministic"),
+    "deis": SamplerName("DEIS", aliases=("DEISMultistepScheduler",), note="DEIS multistep, order 3: good at 10-20 steps"),
+    "uni_pc": SamplerName("UniPC", aliases=("unipc", "UniPCMultistepScheduler"),
+                          note="UniPC (bh1), order 3: good at 10-20 steps"),
+    "uni_pc_bh2": SamplerName("UniPC bh2", note="UniPC with the bh2 variant: for guided runs at very few steps"),
+    "restart": SamplerName("Restart", "karras", note="Euler steps with restarts of added noise: detail at 20+ steps"),
 }
 
 # Our schedule id -> A1111's name.
@@ -54,14 +87,25 @@ SAMPLERS: dict[str, SamplerName] = {
 # "leading" only when the steps divide 1000. So we keep our own word, "Default".
 # "trailing" (diffusers' trailing spacing, t = round(1000 - i * 1000 / n) - 1) is not A1111's "Simple" (which
 # floors instead of rounding) nor "SGM Uniform" (steps of 999 / n): our own word again, "Trailing".
-# "karras", "exponential" and "sgm_uniform" are A1111's (and ComfyUI's) schedules of the same names.
+# The others are A1111's (and ComfyUI's) schedules of the same names and formulas.
 SCHEDULES: dict[str, ScheduleName] = {
-    "default": ScheduleName("Default"),
-    "trailing": ScheduleName("Trailing"),
-    "karras": ScheduleName("Karras"),
-    "exponential": ScheduleName("Exponential"),
-    "sgm_uniform": ScheduleName("SGM Uniform", ("SGMUniform",)),
+    "default": ScheduleName("Default", note="the model's own scheduler config (SDXL: diffusers' leading spacing)"),
+    "trailing": ScheduleName("Trailing", note="diffusers' trailing spacing: starts at the last timestep"),
+    "karras": ScheduleName("Karras", note="Karras et al. 2022 (rho 7): more steps at low noise; DPM++'s favourite"),
+    "exponential": ScheduleName("Exponential", note="log-linear sigmas: for the SDE samplers"),
+    "sgm_uniform": ScheduleName("SGM Uniform", ("SGMUniform",), note="uniform timesteps from the top: Lightning/Turbo"),
+    "simple": ScheduleName("Simple", note="ComfyUI's simple: evenly spaced training sigmas"),
+    "ddim_uniform": ScheduleName("DDIM", ("ddim uniform",), note="DDIM's uniform timesteps"),
+    "normal": ScheduleName("Normal", note="ComfyUI's normal: uniform in timesteps"),
+    "beta": ScheduleName("Beta", note="ComfyUI's beta (alpha = beta = 0.6): more steps at both ends"),
+    "polyexponential": ScheduleName("Polyexponential", note="k-diffusion's polyexponential, rho 1"),
+    "kl_optimal": ScheduleName("KL Optimal", note="the KL-optimal schedule (Sabour et al. 2024)"),
+    "align_your_steps": ScheduleName("Align Your Steps", ("AYS",), note="NVIDIA's optimised SDXL sigmas: 10-20 steps"),
 }
+
+# How (word:1.2) weights apply: our ids -> A1111's "Emphasis" values (written only when not its default).
+# "comfy" is ComfyUI's reading, which A1111 does not have.
+EMPHASIS = {"original": "Original", "no_norm": "No norm", "none": "None", "comfy": "Comfy"}
 
 # A1111's "the sampler's own schedule" (its default since 1.9). Read as SamplerName.automatic; never written.
 AUTOMATIC = "Automatic"
@@ -83,6 +127,7 @@ LABELS: dict[str, str] = {
     "strength": "Denoising strength",
     "clip_skip": "Clip skip",
     "guidance_rescale": "CFG rescale",
+    "emphasis": "Emphasis",
     "refiner": "Refiner",
     "refiner_switch": "Refiner switch at",
     "version": "Version",

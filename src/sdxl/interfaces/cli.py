@@ -19,11 +19,25 @@ from ..dtypes import NAMES as DTYPE_NAMES
 from .settings import ALLOW_DOWNLOAD_ENV, MODEL_ENV
 
 
+def _adapter_file(path: Path) -> bool:
+    """A LoRA / LyCORIS / PEFT file (told from its tensor names, read from the header only)."""
+    from ..checkpoints.files import open_tensors
+    from ..checkpoints.formats import identify_keys
+
+    return path.is_file() and "LoRA" in (identify_keys(set(open_tensors(path))) or "")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from ..checkpoints.formats import describe
     from ..checkpoints.paths import resolve_path
 
-    desc = describe(resolve_path(args.path))  # a path, "builtin", or a Hub repo in the local cache
+    path = resolve_path(args.path)  # a path, "builtin", or a Hub repo in the local cache
+    if not args.json and _adapter_file(path):
+        from ..adapters import describe_adapter
+
+        print(describe_adapter(path))
+        return 0
+    desc = describe(path)
     if args.json:
         import json
 
@@ -400,18 +414,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-SAMPLER_NOTES = {
-    "euler": "Euler (Karras et al. 2022, alg. 2, deterministic); diffusers EulerDiscreteScheduler",
-    "euler_ancestral": "Euler with fresh noise each step; diffusers EulerAncestralDiscreteScheduler",
-    "heun": "Heun's 2nd-order method, 2 U-Net calls a step; diffusers HeunDiscreteScheduler",
-    "dpmpp_2m": "DPM-Solver++(2M), multistep; diffusers DPMSolverMultistepScheduler",
-    "dpmpp_2m_sde": "DPM-Solver++(2M) SDE; diffusers DPMSolverMultistepScheduler(sde-dpmsolver++)",
-    "dpmpp_sde": "DPM-Solver++ SDE, 2 U-Net calls a step (k-diffusion)",
-    "ddim": "DDIM (Song et al. 2020), eta 0; diffusers DDIMScheduler",
-    "lcm": "Latent Consistency Model sampling (for LCM fine-tunes/LoRAs, 4-8 steps); diffusers LCMScheduler",
-}
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from ..training.train import main as train_main  # imports torch: only when training
 
@@ -422,12 +424,16 @@ def cmd_samplers(args: argparse.Namespace) -> int:
     from .. import sampling
     from . import a1111
 
-    for name in sampling.SAMPLERS:
-        label = a1111.SAMPLERS[name].label if name in a1111.SAMPLERS else ""
-        print(f"{name:<16} {label:<13} {SAMPLER_NOTES.get(name, '')}")
-    schedules = ", ".join(f"{name} ({a1111.to_a1111('euler', name)[1]})" for name in sampling.SCHEDULES)
-    print(f"schedules: {schedules}; default: the model's own scheduler config")
-    print("(in brackets: the words PNGs say, as AUTOMATIC1111 does; --sampler and --schedule take either)")
+    for kind, ids, table in (("samplers", sampling.SAMPLERS, a1111.SAMPLERS),
+                             ("schedules", sampling.SCHEDULES, a1111.SCHEDULES)):
+        print(f"{kind} (id, the words PNGs say as AUTOMATIC1111 does, also read):")
+        for name in ids:
+            row = table[name]
+            print(f"  {name:<22} {row.label:<18} {row.note}")
+            if row.aliases:
+                print(f"  {'':<22} {'':<18} also: {', '.join(row.aliases)}")
+    print("--sampler and --schedule take any of these words, in any case; A1111's combined names such as "
+          '"DPM++ 2M Karras" set both. Every sampler runs on every schedule.')
     return 0
 
 
@@ -519,6 +525,9 @@ def _add_sampling_arguments(gen: argparse.ArgumentParser) -> None:
     s.add_argument("--schedule", default="default", help="default, trailing, karras, exponential or sgm_uniform")
     s.add_argument("--seed", type=int, default=0, help="image i of a batch uses seed + i")
     s.add_argument("--batch", type=int, default=1, help="images to make (for each prompt)")
+    s.add_argument("--emphasis", choices=("original", "no_norm", "comfy", "none"), default="original",
+                   help="how (word:1.2) weights apply: original (AUTOMATIC1111's: scale, keep the mean), no_norm, "
+                   "comfy (ComfyUI's), none (brackets taken literally)")
     s.add_argument("--clip-skip", dest="clip_skip", type=int, default=0,
                    help="text encoder layers to skip beyond SDXL's penultimate one (A1111's 'Clip skip' minus 2)")
     s.add_argument("--vae-tiling", dest="vae_tiling", action="store_true", help="encode/decode in tiles (large images)")

@@ -49,7 +49,7 @@ OPTION_KEYS = (
     "guidance_rescale", "sampler", "schedule", "seed", "batch", "init_image", "strength", "mask", "mask_blur",
     "outpaint", "outpaint_fill", "refiner_switch", "original_size", "crop_top_left", "target_size",
     "negative_original_size", "negative_crop_top_left", "negative_target_size", "aesthetic_score",
-    "negative_aesthetic_score", "clip_skip", "vae_tiling",
+    "negative_aesthetic_score", "clip_skip", "vae_tiling", "emphasis",
 )  # GenerationOptions' fields but `output` (what a call returns, not how an image is made)
 MODEL_KEYS = ("model", "refiner", "vae", "variant", "dtype", "device", "fp8")
 RUN_KEYS = (*MODEL_KEYS, "store_paths")
@@ -108,6 +108,9 @@ def settings_from_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
     """Settings from flag values in their text formats (`vars()` of the parsed command line, or a form):
     sizes 'WxH', crops 'TOP,LEFT', outpaint 'L,T,R,B', samplers in our ids or A1111's words."""
     s = {key: flags.get(key) for key in (*OPTION_KEYS, *RUN_KEYS)}
+    combined = a1111.split_schedule(s["sampler"])[1] if s["sampler"] else None
+    if combined is not None:  # "DPM++ 2M Karras": the schedule in the name wins, as in A1111
+        s["sampler"], s["schedule"] = a1111.split_schedule(s["sampler"])[0], combined
     s["sampler"], s["schedule"] = _our_name("sampler", s["sampler"]), _our_name("schedule", s["schedule"])
     for key in SIZE_KEYS:
         s[key] = parse_size(_flag(key), s[key])
@@ -218,6 +221,8 @@ def infotext(settings: Mapping[str, Any]) -> str:
         (label["strength"], s.get("strength") if s.get("init_image") else None),  # A1111: img2img only
         (label["clip_skip"], a1111.clip_skip_to_a1111(s.get("clip_skip"))),
         (label["guidance_rescale"], s.get("guidance_rescale") or None),
+        (label["emphasis"], a1111.EMPHASIS.get(s.get("emphasis"), s.get("emphasis"))
+         if s.get("emphasis") not in (None, "original") else None),
         (label["refiner"], refiner),
         (label["refiner_switch"], s.get("refiner_switch") if refiner else None),
         # Not "v0.1.0": A1111 would read that as its own old version and switch on its back-compatibility options
@@ -278,6 +283,13 @@ A1111_INFORMATIONAL = ("Version", "User", "Hashes", "Refiner hash", "Raw prompt"
 FOOOCUS_NO_VAE = ("", "None", "Default (model)")  # Fooocus' words for "the model's own VAE"
 
 
+def _emphasis(value: str) -> str:
+    ours = {label.lower(): key for key, label in a1111.EMPHASIS.items()}.get(str(value).strip().lower())
+    if ours is None:
+        raise ValueError(f"'Emphasis: {value}' is none of {', '.join(a1111.EMPHASIS.values())}")
+    return ours
+
+
 def settings_from_infotext(text: str, skip: frozenset[str] = frozenset()) -> tuple[dict[str, Any], list[str]]:
     """(settings, labels of the fields ignored) from an A1111 / Forge / Fooocus "parameters" text. Keys in `skip`
     (given explicitly elsewhere) are not read. ValueError with the reason for a malformed value."""
@@ -298,6 +310,8 @@ def settings_from_infotext(text: str, skip: frozenset[str] = frozenset()) -> tup
         s["width"], s["height"] = _size_from("'Size'", size)
     if (clip := fields.pop(label["clip_skip"], None)) is not None:
         s["clip_skip"] = _clip_skip("'Clip skip'", clip)
+    if (emphasis := fields.pop(label["emphasis"], None)) is not None:
+        s["emphasis"] = _emphasis(emphasis)
     for key in ("model", "vae"):
         s[key] = fields.pop(label[key], None)
         s[HASH_KEYS[key]] = fields.pop(label[HASH_KEYS[key]], None)

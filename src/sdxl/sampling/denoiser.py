@@ -8,6 +8,12 @@ c_in * x is the VP latent diffusers' schedulers hand the U-Net (Euler's `scale_m
 DPM/DDIM/LCM latents as they are), so the model sees identical inputs. For LCM the consistency-model
 boundary condition of diffusers' LCMScheduler is applied here too (Luo et al. 2023, eq. 9 with
 sigma_data = 0.5 and timestep_scaling = 10): x0 <- c_out(t) * x0 + c_skip(t) * (c_in * x).
+
+The unconditional prediction (CFG++ samplers, `CFG_PP_SAMPLERS`): a model function that offers it returns the
+pair (guided, unconditional) of eps / v predictions instead of one tensor (`pipeline.guided_unet(...,
+uncond=True)`); the Denoiser then returns the pair (denoised, uncond_denoised), each converted as above. The
+CFG++ samplers take a single tensor as its own unconditional prediction (no guidance); the other samplers
+expect a single tensor.
 """
 
 from __future__ import annotations
@@ -48,39 +54,40 @@ class Denoiser:
             t = sigma_to_t(torch.tensor(sigma, dtype=torch.float64), self.training).tolist()
         return t
 
-    def __call__(self, x: Tensor, sigma: Tensor | float) -> Tensor:
-        """Denoised x0 for VE latents x at noise level sigma."""
+    def __call__(self, x: Tensor, sigma: Tensor | float) -> Tensor | tuple[Tensor, Tensor]:
+        """Denoised x0 for VE latents x at noise level sigma (a pair (denoised, uncond_denoised) where the model
+        function returns a pair)."""
         if isinstance(sigma, Tensor):
             if sigma.device.type != "cpu" or sigma.numel() != 1:
                 return self._batched(x, sigma)
             sigma = float(sigma)  # a CPU number: no device sync
         sigma = float(sigma)
-        c_in = (sigma**2 + 1) ** -0.5
         t = self.t(sigma)
-        x_in = x * c_in
-        out = self.model(x_in, torch.full((), t, dtype=torch.float32, device=x.device)).to(x.dtype)
-        if self.v_prediction:
-            denoised = x * c_in**2 - out * (sigma * c_in)
-        else:
-            denoised = x - out * sigma
+        out = self.model(x * (sigma**2 + 1) ** -0.5, torch.full((), t, dtype=torch.float32, device=x.device))
+        if isinstance(out, tuple):
+            return tuple(self._x0(x, o, sigma, t) for o in out)
+        return self._x0(x, out, sigma, t)
+
+    def _x0(self, x: Tensor, out: Tensor, sigma: float | Tensor, t: float | Tensor) -> Tensor:
+        """x0 from the model's eps / v output at sigma (a float, or per-sample tensors shaped for broadcasting)."""
+        out = out.to(x.dtype)
+        c_in = (sigma**2 + 1) ** -0.5
+        denoised = x * c_in**2 - out * (sigma * c_in) if self.v_prediction else x - out * sigma
         if self.lcm:
             c_skip, c_out = _lcm_scalings(t)
-            denoised = denoised * c_out + x_in * c_skip
+            denoised = denoised * c_out + (x * c_in) * c_skip
         return denoised
 
-    def _batched(self, x: Tensor, sigma: Tensor) -> Tensor:
+    def _batched(self, x: Tensor, sigma: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """Per-sample sigmas as a device tensor: the same formulas in tensor arithmetic (t interpolated)."""
         sigma = sigma.reshape(-1).to(x.device)
         t = sigma_to_t(sigma, self.training).float().expand(x.shape[0])
         s = sigma.to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
-        c_in = (s**2 + 1) ** -0.5
-        x_in = x * c_in
-        out = self.model(x_in, t).to(x.dtype)
-        denoised = x * c_in**2 - out * (s * c_in) if self.v_prediction else x - out * s
-        if self.lcm:
-            c_skip, c_out = _lcm_scalings(t.to(x.dtype).reshape(s.shape))
-            denoised = denoised * c_out + x_in * c_skip
-        return denoised
+        out = self.model(x * (s**2 + 1) ** -0.5, t)
+        t_b = t.to(x.dtype).reshape(s.shape)
+        if isinstance(out, tuple):
+            return tuple(self._x0(x, o, s, t_b) for o in out)
+        return self._x0(x, out, s, t_b)
 
 
 def _lcm_scalings(t):
