@@ -17,14 +17,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdxl.checkpoints.load import Components
+from conftest import tiny_components
+
 from sdxl.checkpoints.save import save_single_file
-from sdxl.models import clip as clip_models
-from sdxl.models import unet as unet_models
-from sdxl.models import vae as vae_models
-from sdxl.models.clip import CLIPTextEncoder
-from sdxl.models.unet import UNet
-from sdxl.models.vae import AutoencoderKL
 
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -64,14 +59,7 @@ ERRORS = {  # name -> what the one-line message must say after the file name
 @pytest.fixture(scope="session")
 def cli(tmp_path_factory):
     work = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    base = Components(
-        kind="base",
-        unet=UNet(unet_models.tiny),
-        vae=AutoencoderKL(vae_models.tiny),
-        text_encoder=CLIPTextEncoder(clip_models.clip_l_tiny),
-        text_encoder_2=CLIPTextEncoder(clip_models.clip_g_tiny),
-    )
+    base = tiny_components("base")
     save_single_file(base, work / "tiny_base.safetensors")
     data = (work / "tiny_base.safetensors").read_bytes()
     (work / "truncated.safetensors").write_bytes(data[: len(data) * 2 // 3])

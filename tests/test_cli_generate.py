@@ -10,23 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from sdxl.checkpoints.load import Components
+from conftest import tiny_components
+
 from sdxl.checkpoints.save import save_single_file
-from sdxl.models import clip, unet, vae
-from sdxl.models.clip import CLIPTextEncoder
-from sdxl.models.unet import UNet
-from sdxl.models.vae import AutoencoderKL
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    parts = Components(kind="base", unet=UNet(unet.tiny), vae=AutoencoderKL(vae.tiny),
-                       text_encoder=CLIPTextEncoder(clip.clip_l_tiny), text_encoder_2=CLIPTextEncoder(clip.clip_g_tiny))
-    with torch.no_grad():
-        for model in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.05)  # no exact zeros anywhere: images with content
+    parts = tiny_components("base", randomized=True)  # (default init leaves outputs near zero: images with content)
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     save_single_file(parts, path, dtype=torch.float32)
     return path

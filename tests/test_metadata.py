@@ -140,7 +140,8 @@ def test_an_a1111_infotext_becomes_our_settings():
         "prompt": "masterpiece, (a red fox:1.2), [snow], forest", "negative_prompt": "(worst quality:1.4), blurry",
         "steps": 20, "sampler": "dpmpp_2m", "schedule": "karras", "cfg": 7.0, "seed": 1234, "width": 64, "height": 48,
         "model": "sd_xl_base_1.0", "model_hash": "31e35c80fc"}
-    assert ignored == ["ADetailer model", "Lora hashes"]  # Version and Hashes are bookkeeping
+    # Version, Hashes and Lora hashes are bookkeeping (the prompt's <lora:...> tags bring the LoRAs back)
+    assert ignored == ["ADetailer model"]
     # What the command line gives is not read: an unknown sampler does not matter then
     odd = A1111_TEXT.replace("DPM++ 2M", "DPM fast")
     with pytest.raises(a1111.UnknownName):

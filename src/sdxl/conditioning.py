@@ -25,12 +25,13 @@ from torch import Tensor
 from .acceleration import execution_device
 from .models.specs import Components
 from .models.tokenizer import EOT, SOT, clip_g_tokenizer, clip_l_tokenizer
-from .prompts import parse_attention
+from .prompts import parse_attention, schedule
 from .models.unet import UNetConfig, micro_conditioning
 from .options import EMPHASIS, GenerationOptions
 
 __all__ = ["EMPHASIS", "Chunk", "Conditioning", "PromptCache", "conditioning", "encode_chunks", "encode_prompt",
-           "encode_prompts", "micro_value_count", "micro_values", "prompt_chunks"]
+           "encode_prompts", "micro_value_count", "micro_values", "prompt_chunks",
+           "scheduled_conditioning"]
 
 PENULTIMATE = -2  # SDXL conditions on the penultimate layer of both text encoders
 
@@ -128,22 +129,25 @@ class _Chunker:
 
 
 class _EmbeddingIndex:
-    """Embeddings found in token ids by their names' tokens, longest first (A1111's `find_embedding_at_position`)."""
+    """Embeddings found in token ids by their names' tokens, longest first (A1111's `find_embedding_at_position`).
+
+    Only the names are read up front: an embedding's vectors are taken from the mapping when a prompt uses it."""
 
     def __init__(self, embeddings: Mapping[str, object]):
         tokenizer = clip_l_tokenizer()
-        self.by_first: dict[int, list[tuple[list[int], object]]] = {}
-        for name, emb in embeddings.items():
+        self.embeddings = embeddings
+        self.by_first: dict[int, list[tuple[list[int], str]]] = {}
+        for name in embeddings:
             ids = tokenizer.encode(name)
             if ids:
-                self.by_first.setdefault(ids[0], []).append((ids, emb))
+                self.by_first.setdefault(ids[0], []).append((ids, name))
         for candidates in self.by_first.values():
             candidates.sort(key=lambda c: -len(c[0]))
 
     def at(self, tokens: list[int], i: int) -> tuple[object | None, int]:
-        for ids, emb in self.by_first.get(tokens[i], ()):
+        for ids, name in self.by_first.get(tokens[i], ()):
             if tokens[i:i + len(ids)] == ids:
-                return emb, len(ids)
+                return self.embeddings[name], len(ids)
         return None, 1
 
 
@@ -300,7 +304,7 @@ class PromptCache:
     def encode(self, parts: Components, prompt: str, prompt_2: str, hidden_layer: int, *,
                emphasis: str = "original", embeddings: Mapping[str, object] | None = None) -> tuple[Tensor, Tensor]:
         key = (id(parts), id(parts.text_encoder), id(parts.text_encoder_2), prompt, prompt_2, hidden_layer, emphasis,
-               tuple(sorted((name, id(e)) for name, e in (embeddings or {}).items())))
+               tuple(sorted(embeddings or ())))  # the names only: an embedding is read when a prompt uses it
         if key in self.entries:
             self.entries.move_to_end(key)
             return self.entries[key]
@@ -310,6 +314,31 @@ class PromptCache:
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
         return result
+
+
+# AUTOMATIC1111 counts U-Net calls for prompt editing, and lays the schedule over twice the steps for the
+# samplers that call it twice a step (its 'second_order' samplers).
+SECOND_ORDER = frozenset({"heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "restart"})
+
+Schedule = list[tuple[int, Conditioning]]  # (last U-Net call it is used for, counted from 0; its conditioning)
+
+
+def scheduled_conditioning(parts: Components, o: GenerationOptions, width: int, height: int, cache: PromptCache, *,
+                           embeddings: Mapping[str, object] | None = None, negative: bool | None = None) -> Schedule:
+    """The conditioning of each span of U-Net calls: prompt editing `[a:b:when]` and alternation `[a|b]`
+    (`sdxl.prompts.schedule`) in the prompts, on AUTOMATIC1111's count of calls. Every entry's context has the
+    same shape (prompts repeated to a common chunk count), so the U-Net sees static shapes."""
+    steps = o.steps * (2 if o.sampler in SECOND_ORDER else 1)
+    texts = {key: schedule(getattr(o, key), steps) if getattr(o, key) else [(steps, getattr(o, key))]
+             for key in ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2")}
+    ends = sorted({end for spans in texts.values() for end, _ in spans})
+    entries = []
+    for end in ends:
+        at = {key: next(text for last, text in spans if end <= last) for key, spans in texts.items()}
+        entries.append((end, conditioning(parts, o.replace(**at), width, height, cache, embeddings=embeddings,
+                                          negative=negative)))
+    chunks = common_chunks(*(c.context for _, c in entries))
+    return [(end, Conditioning(repeat_chunks(c.context, chunks), c.y, c.guided)) for end, c in entries]
 
 
 def conditioning(parts: Components, o: GenerationOptions, width: int, height: int, cache: PromptCache, *,

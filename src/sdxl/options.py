@@ -83,6 +83,19 @@ def _pair(name: str, value, *, allow_none: bool = True) -> Size | None:
     return int(a), int(b)
 
 
+def _lora(entry) -> tuple[str, float, float]:
+    """A LoRA entry as (name or path, U-Net weight, text-encoder weight)."""
+    form = "(name or path, weight) or (name or path, U-Net weight, text-encoder weight)"
+    if isinstance(entry, (str, bytes)) or not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
+        raise ValueError(f"loras entries must be {form}, got {entry!r}")
+    name, *weights = entry
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"loras entries must be {form}, got {entry!r}")
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+        raise ValueError(f"LoRA {name!r}: weights must be finite numbers, got {weights!r}")
+    return name, float(weights[0]), float(weights[-1])
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -129,6 +142,10 @@ class GenerationOptions:
     # how (word:1.2) weights apply: "original" (AUTOMATIC1111's default: scale, keep each chunk's mean), "no_norm",
     # "comfy" (ComfyUI's: from the empty prompt's encoding towards the word's), "none" (the text taken literally)
     emphasis: str = "original"
+    # LoRA / LyCORIS files merged into the model for this call: (name or path, weight) or (name or path, U-Net
+    # weight, text-encoder weight). Names are looked up in the pipeline's LoRA folders (by file stem or the file's
+    # ss_output_name). Prompts add their own with <lora:NAME:WEIGHT>, by name only.
+    loras: tuple = ()
     output: str = "pil"  # "pil" (list of images), "np" (float32 (B, H, W, 3) in [0, 1]), "latent"
     vae_tiling: bool = False  # encode / decode large images in tiles
 
@@ -140,6 +157,7 @@ class GenerationOptions:
                      "negative_crop_top_left"):
             setattr(self, name, _pair(name, getattr(self, name)))
         self.crop_top_left = _pair("crop_top_left", self.crop_top_left, allow_none=False)
+        self.loras = tuple(_lora(entry) for entry in self.loras)
         self._check_images()
 
     def _check_text(self) -> None:

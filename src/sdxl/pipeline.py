@@ -33,8 +33,9 @@ inpainting encodes a shared init image with the first generator only).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,11 +44,13 @@ from torch import Tensor
 from . import images as imaging
 from . import sampling
 from .acceleration import Offload, check_modes, compile_unet, execution_device, store_fp8
+from .adapters.library import EMBEDDING_SUFFIXES, LORA_SUFFIXES, Active, Embeddings, Library
 from .checkpoints.paths import resolve_path
-from .conditioning import Conditioning, PromptCache, conditioning
+from .conditioning import Conditioning, PromptCache, Schedule, scheduled_conditioning
 from .latents import Inpaint, PrecisionWarning, decode_latents, encode_image, initial_noise, inpaint_start
 from .models.specs import Components
 from .options import DEFAULT_CFG, SDXL_RESOLUTIONS, GenerationOptions, ResolutionWarning, warn_if_untrained_size
+from .prompts import extract_networks
 from .sampling import Cancelled
 
 __all__ = [
@@ -74,27 +77,49 @@ def rescale_guidance(guided: Tensor, cond: Tensor, amount: float) -> Tensor:
     return amount * rescaled + (1 - amount) * guided
 
 
-def guided_unet(unet: torch.nn.Module, cond: Conditioning, cfg: float, rescale: float,
-                extra: Tensor | None = None, *, uncond: bool = False) -> Callable[[Tensor, Tensor], Tensor | tuple]:
+class _Calls:
+    """The U-Net calls of one run, counted from 0: AUTOMATIC1111's clock for prompt editing."""
+
+    def __init__(self):
+        self.n = 0
+
+
+def _at(schedule: Schedule, call: int) -> Conditioning:
+    """The conditioning for U-Net call `call` (the last one's past the schedule's end)."""
+    for last, cond in schedule:
+        if call <= last:
+            return cond
+    return schedule[-1][1]
+
+
+def guided_unet(unet: torch.nn.Module, cond: Conditioning | Schedule, cfg: float, rescale: float,
+                extra: Tensor | None = None, *, uncond: bool = False,
+                calls: _Calls | None = None) -> Callable[[Tensor, Tensor], Tensor | tuple]:
     """The model function the samplers' denoiser calls: the U-Net with classifier-free guidance (and
     guidance rescale) on its eps / v prediction; `extra` are input channels appended to x (inpainting U-Nets).
 
+    cond: one conditioning, or a schedule of them (prompt editing), chosen by the count of calls in `calls`.
     uncond: return (guided, unconditional) predictions, the pair the CFG++ samplers need (`sampling.Denoiser`
     turns it into (denoised, uncond_denoised)); without a negative branch (cond.guided False) the conditional
     prediction is both."""
+    schedule = [(0, cond)] if isinstance(cond, Conditioning) else cond
+    guided = schedule[0][1].guided
+    calls = calls or _Calls()
     dtype = _param(unet).dtype
     if extra is not None:
-        extra = (torch.cat([extra, extra]) if cond.guided else extra).to(dtype)
+        extra = (torch.cat([extra, extra]) if guided else extra).to(dtype)
 
     def model_fn(x_in: Tensor, t: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        c = schedule[0][1] if len(schedule) == 1 else _at(schedule, calls.n)  # Python ints: no device reads
+        calls.n += 1
         h = x_in.to(dtype)
-        if cond.guided:
+        if guided:
             h = torch.cat([h, h])
         if extra is not None:
             h = torch.cat([h, extra], dim=1)
-        out = unet(h, t, cond.context, cond.y)
+        out = unet(h, t, c.context, c.y)
         negative = out
-        if cond.guided:
+        if guided:
             negative, text = out.chunk(2)
             out = negative + cfg * (text - negative)
             if rescale > 0:
@@ -159,7 +184,9 @@ class _Run:
     mask: Tensor | None  # (1, 1, H, W), 1 = repaint
     progress: _Progress
     cancel: Callable[[], bool] | None
+    embeddings: Mapping[str, object] | None = None  # name -> textual-inversion Embedding, read when used
     inpaint: Inpaint | None = None
+    calls: _Calls = field(default_factory=_Calls)
 
 
 @dataclass
@@ -174,7 +201,9 @@ class Pipeline:
     """An SDXL model (and optionally a refiner) ready to generate. Build it with `sdxl.load`."""
 
     def __init__(self, base: Components, refiner: Components | None = None, *, compile: bool | str = False,
-                 offload: str | None = None, device: torch.device | str | None = None, fp8: bool = False):
+                 offload: str | None = None, device: torch.device | str | None = None, fp8: bool = False,
+                 lora_dirs: Sequence[str | Path] = (), embedding_dirs: Sequence[str | Path] = (),
+                 allow_adapter_paths: bool = True):
         """compile: torch.compile the U-Nets' forward (True, or a torch.compile mode name), compiled on
         the first image of each size and reused after; see `sdxl.acceleration.compile_unet`.
         offload: "model" or "sequential" keeps the weights in CPU memory and copies a component
@@ -183,6 +212,9 @@ class Pipeline:
         U-Net's weights are now); without offload every component runs where its weights are.
         fp8: keep the U-Nets' linear-layer weights in float8 (`sdxl.acceleration.store_fp8`): about
         half a float16 U-Net's memory, images close to (not equal to) the plain ones.
+        lora_dirs / embedding_dirs: where `<lora:NAME:W>` tags and `loras=[(NAME, W)]` find LoRA files, and where
+        textual-inversion embeddings (used by their file names in prompts) are. allow_adapter_paths: whether
+        `loras` may name files by path (a server that takes requests from others says False).
         """
         for name, parts in (("model", base), ("refiner", refiner)):
             if parts is not None and (parts.unet is None or parts.vae is None or parts.text_encoder_2 is None):
@@ -190,6 +222,12 @@ class Pipeline:
         check_modes(compile, offload)
         self.base, self.refiner = base, refiner
         self.prompts = PromptCache(size=16)  # text conditionings kept for repeated prompts
+        self.lora_library = Library(lora_dirs, LORA_SUFFIXES, kind="LoRA", aliases=True)
+        self.embedding_library = Library(embedding_dirs, EMBEDDING_SUFFIXES, kind="embedding")
+        self.allow_adapter_paths = allow_adapter_paths
+        self.adapters = Active()  # the LoRAs merged into the base now
+        self.last_loras: list[tuple[str, Path, float, float]] = []  # (name, file, U-Net, text-encoder weight)
+        self._embeddings: dict[int, Embeddings] = {}
         stages = [p for p in (base, refiner) if p is not None]
         if fp8:  # first: offload pins, and compile traces, the float8 tensors
             for parts in stages:
@@ -250,17 +288,55 @@ class Pipeline:
             if self.offload is not None:
                 self.offload.unload()  # model offload: nothing stays on the device between calls
 
+    def resolve_loras(self, o: GenerationOptions) -> tuple[GenerationOptions, list[tuple[str, Path, float, float]]]:
+        """(the options with their prompts' `<lora:...>` tags removed, the LoRAs asked for: `o.loras`, then the
+        tags, as (name, file, U-Net weight, text-encoder weight)). ValueError for a name not in the LoRA folders."""
+        texts, tags = {}, []
+        for key in ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2"):
+            if getattr(o, key):
+                texts[key], found = extract_networks(getattr(o, key))
+                tags += found
+        wanted = [(name, u, t) for name, u, t in o.loras]
+        for tag in tags:
+            if tag.kind != "lora":
+                warnings.warn(f"<{tag.kind}:{tag.name}>: sdxl has no {tag.kind!r} networks; the tag is ignored")
+            else:
+                wanted.append((tag.name, tag.unet, tag.te))
+        return o.replace(**texts), [(name, self._lora_file(name), u, t) for name, u, t in wanted]
+
+    def _lora_file(self, name: str) -> Path:
+        path = Path(name).expanduser()
+        if self.allow_adapter_paths and (path.suffix.lower() in LORA_SUFFIXES or path.is_file()):
+            if not path.is_file():
+                raise FileNotFoundError(f"LoRA {name}: no such file")
+            return path
+        return self.lora_library.find(name)
+
+    def _prepare(self, o: GenerationOptions, model: Components) -> tuple[GenerationOptions, Embeddings | None]:
+        """The adapters this call asks for merged into `model` (the last call's taken out), its embeddings."""
+        o, loras = self.resolve_loras(o)
+        if self.adapters.set(model, [(path, u, t) for _, path, u, t in loras]):
+            self.prompts.clear()  # the text encoders' weights changed
+        self.last_loras = loras
+        if not self.embedding_library.folders:
+            return o, None
+        if id(model) not in self._embeddings:
+            self._embeddings[id(model)] = Embeddings(self.embedding_library, model)
+        return o, self._embeddings[id(model)]
+
     @torch.no_grad()
     def _run(self, o: GenerationOptions, *, callback, cancel, model: Components | None, refiner):
         model = model or self.base
         refiner = self.refiner if refiner is True else refiner
         if o.cfg is None:
             o = o.replace(cfg=self.recommended_cfg(model))
+        o, embeddings = self._prepare(o, model)
         init, mask, width, height = _images_in(o, model)
         _check_channels(model, mask)
         stages = _stages(model, refiner if mask is None else None, o, strength=o.strength if init is not None else 1.0)
         gens = [torch.Generator().manual_seed(o.seed + i) for i in range(o.batch)]
-        run = _Run(o, width, height, gens, init, mask, _Progress(callback, sum(s.plan.steps for s in stages)), cancel)
+        run = _Run(o, width, height, gens, init, mask, _Progress(callback, sum(s.plan.steps for s in stages)), cancel,
+                   embeddings)
         x = self._start(run, stages[0])
         for stage in stages:
             x = self._denoise(stage, run, x)
@@ -294,10 +370,11 @@ class Pipeline:
         parts, o, inpaint = stage.parts, run.options, run.inpaint
         cfg_pp = stage.plan.sampler in sampling.CFG_PP_SAMPLERS
         # CFG++ needs the unconditional prediction at every guidance scale (its scale is usually <= 1)
-        cond = conditioning(parts, o, run.width, run.height, self.prompts, negative=o.cfg > 1 or cfg_pp)
+        cond = scheduled_conditioning(parts, o, run.width, run.height, self.prompts, embeddings=run.embeddings,
+                                      negative=o.cfg > 1 or cfg_pp)
         nine = inpaint is not None and parts.unet.config.in_channels == 9
         extra = torch.cat([inpaint.mask, inpaint.masked_latents], dim=1) if nine else None
-        model_fn = guided_unet(parts.unet, cond, o.cfg, o.guidance_rescale, extra, uncond=cfg_pp)
+        model_fn = guided_unet(parts.unet, cond, o.cfg, o.guidance_rescale, extra, uncond=cfg_pp, calls=run.calls)
         denoiser = sampling.Denoiser(model_fn, sampling.TrainingSchedule.from_diffusers(parts.scheduler), stage.plan)
         blend = _Blend(inpaint, stage.plan) if inpaint is not None and not nine else None
 
@@ -360,7 +437,8 @@ def _stages(model: Components, refiner: Components | None, o: GenerationOptions,
 
 def load(model: str | Path, refiner: str | Path | None = None, *, device=None, dtype=None,
          vae: str | Path | None = None, variant: str | None = None, compile: bool | str = False,
-         offload: str | None = None, fp8: bool = False, progress: Callable[[str], None] | None = None) -> Pipeline:
+         offload: str | None = None, fp8: bool = False, progress: Callable[[str], None] | None = None,
+         lora_dirs: Sequence[str | Path] = (), embedding_dirs: Sequence[str | Path] = ()) -> Pipeline:
     """Load a model (and a refiner) into a `Pipeline`.
 
     model / refiner: an official-layout single file, a diffusers folder, a built-in model name ("builtin",
@@ -368,9 +446,10 @@ def load(model: str | Path, refiner: str | Path | None = None, *, device=None, d
     ("cuda", "fp16", ...; default CPU and float32). vae: a VAE file (or diffusers VAE folder) used instead of the
     models' own, e.g. a VAE fixed for float16. compile / offload / fp8: see `Pipeline`; with offload the weights
     are loaded into CPU memory and run on `device`. progress(name) is called as each model is loaded ("unet",
-    "vae", ...).
+    "vae", ...). lora_dirs / embedding_dirs: see `Pipeline`.
     """
-    from .checkpoints.load import load as load_components, load_vae
+    from .checkpoints.load import load as load_components
+    from .checkpoints.load import load_vae
 
     check_modes(compile, offload)  # before the slow part
     device = torch.device(device) if device is not None else None
@@ -385,4 +464,5 @@ def load(model: str | Path, refiner: str | Path | None = None, *, device=None, d
         base.vae = replacement
         if second is not None:
             second.vae = replacement
-    return Pipeline(base, second, compile=compile, offload=offload, device=run_on, fp8=fp8)
+    return Pipeline(base, second, compile=compile, offload=offload, device=run_on, fp8=fp8, lora_dirs=lora_dirs,
+                    embedding_dirs=embedding_dirs)

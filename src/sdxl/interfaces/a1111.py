@@ -128,6 +128,7 @@ LABELS: dict[str, str] = {
     "clip_skip": "Clip skip",
     "guidance_rescale": "CFG rescale",
     "emphasis": "Emphasis",
+    "lora_hashes": "Lora hashes",
     "refiner": "Refiner",
     "refiner_switch": "Refiner switch at",
     "version": "Version",

@@ -141,6 +141,8 @@ class _Run:
     models: dict[str, _Model]
     paths: list[Path]
     keep: int | None = None  # with --from-image: the index, in its batch, of the image to make again
+    lora_dirs: list[Path] = field(default_factory=list)
+    embedding_dirs: list[Path] = field(default_factory=list)
     image: dict[str, Any] = field(default_factory=dict)  # the settings stored in --from-image's image
 
 
@@ -154,7 +156,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> _Run:
-    from . import metadata
+    from . import metadata, settings as config
 
     settings = metadata.settings_from_flags(vars(args))
     explicit = _explicit_settings(args.argv) if args.from_image else set()
@@ -167,9 +169,32 @@ def _plan(args: argparse.Namespace) -> _Run:
     else:
         raise ValueError("no prompt: give PROMPT, --prompts-file FILE or --from-image IMAGE.png")
     options = [metadata.generation_options(settings, p) for p in prompts]
+    lora_dirs, embedding_dirs = config.folders("lora", args.lora_dirs), config.folders("embedding", args.embedding_dirs)
+    _check_loras(options, lora_dirs)
     models = _resolve_models(args, settings, image, explicit)
     kept = settings["batch"] if keep is None else 1
-    return _Run(settings, prompts, options, models, _output_paths(args.out, len(prompts) * kept), keep, image)
+    return _Run(settings, prompts, options, models, _output_paths(args.out, len(prompts) * kept), keep=keep,
+                image=image, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs)
+
+
+def _check_loras(options: list, lora_dirs: list[Path]) -> None:
+    """Every LoRA a run asks for exists, before the (slow) model load: --lora files, and the prompts' tags."""
+    from ..adapters.library import LORA_SUFFIXES, Library
+    from ..prompts import extract_networks
+
+    library = Library(lora_dirs, LORA_SUFFIXES, kind="LoRA", aliases=True)
+    for o in options:
+        for name, _, _ in o.loras:
+            path = Path(name).expanduser()
+            if path.suffix.lower() in LORA_SUFFIXES or path.is_file():
+                if not path.is_file():
+                    raise FileNotFoundError(f"--lora {name}: no such file")
+            else:
+                library.find(name)
+        for text in (o.prompt, o.prompt_2, o.negative_prompt, o.negative_prompt_2):
+            for tag in extract_networks(text or "")[1]:
+                if tag.kind == "lora":
+                    library.find(tag.name)
 
 
 def _from_image(path: str, settings: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
@@ -294,7 +319,8 @@ def _load_pipeline(args: argparse.Namespace, run: _Run):
     try:
         pipe = sdxl.load(models["model"].path, refiner=models["refiner"].path, device=device, dtype=s["dtype"],
                          vae=models["vae"].path, variant=s["variant"], compile=args.compile, offload=args.offload,
-                         fp8=s["fp8"], progress=loaded_one)
+                         fp8=s["fp8"], progress=loaded_one, lora_dirs=run.lora_dirs,
+                         embedding_dirs=run.embedding_dirs)
     finally:
         loading.close()
     return pipe, time.perf_counter() - start
@@ -342,7 +368,7 @@ def _generate_images(args: argparse.Namespace, run: _Run, pipe, models: dict[str
 
     from tqdm import tqdm
 
-    from . import metadata
+    from . import hashes, metadata
 
     batch = run.settings["batch"]
     kept = range(batch) if run.keep is None else [run.keep]
@@ -363,10 +389,13 @@ def _generate_images(args: argparse.Namespace, run: _Run, pipe, models: dict[str
             images = pipe.generate(options=opts, callback=progress)
         finally:
             bar.close()
+        # A1111's "Lora hashes": each LoRA by name (a file given by path: its stem), the first 12 hex of its sha256
+        lora_hashes = {hashes.stem(Path(name).name): hashes.sha256(path)[:12] for name, path, _, _ in pipe.last_loras}
         for i in kept:
             image, path = images[i], next(paths)
             stored = metadata.image_settings(run.settings, models, prompt=prompt, seed=opts.seed + i,
                                              batch_index=i, size=image.size)
+            stored["lora_hashes"] = lora_hashes
             metadata.write_png(image, path, stored)
             written.append({"path": str(path), "prompt": prompt, "seed": opts.seed + i})
             if not args.json:
@@ -507,6 +536,15 @@ def _add_model_arguments(gen: argparse.ArgumentParser) -> None:
     m.add_argument("--fp8", action="store_true",
                    help="keep the U-Net's linear-layer weights in float8 (87%% of its weights): about half the "
                    "memory of float16, images close to but not equal to the plain ones")
+    m.add_argument("--lora", dest="loras", action="append", metavar="FILE[:WEIGHT]",
+                   help="a LoRA / LyCORIS file (or a name from the LoRA folders) merged into the model, weight 1 "
+                   "unless given (FILE:UNET:TEXT_ENCODER for two); repeatable. Prompts add <lora:NAME:WEIGHT>")
+    m.add_argument("--lora-dir", dest="lora_dirs", action="append", metavar="DIR",
+                   help="a folder where <lora:NAME:...> tags find NAME.safetensors (repeatable; also "
+                   "$SDXL_LORA_DIRS and lora_dirs in the config file)")
+    m.add_argument("--embedding-dir", dest="embedding_dirs", action="append", metavar="DIR",
+                   help="a folder of textual-inversion embeddings, used by their file names in prompts "
+                   "(repeatable; also $SDXL_EMBEDDING_DIRS and embedding_dirs in the config file)")
     m.add_argument("--offload", choices=("model", "sequential"),
                    help="keep the weights in CPU memory and copy them to --device only while they run: one model "
                    "at a time (model), or one layer at a time (sequential: least GPU memory, slowest)")

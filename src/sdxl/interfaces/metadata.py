@@ -49,7 +49,7 @@ OPTION_KEYS = (
     "guidance_rescale", "sampler", "schedule", "seed", "batch", "init_image", "strength", "mask", "mask_blur",
     "outpaint", "outpaint_fill", "refiner_switch", "original_size", "crop_top_left", "target_size",
     "negative_original_size", "negative_crop_top_left", "negative_target_size", "aesthetic_score",
-    "negative_aesthetic_score", "clip_skip", "vae_tiling", "emphasis",
+    "negative_aesthetic_score", "clip_skip", "vae_tiling", "emphasis", "loras",
 )  # GenerationOptions' fields but `output` (what a call returns, not how an image is made)
 MODEL_KEYS = ("model", "refiner", "vae", "variant", "dtype", "device", "fp8")
 RUN_KEYS = (*MODEL_KEYS, "store_paths")
@@ -95,6 +95,24 @@ def parse_outpaint_fill(text: str) -> str | tuple[int, ...]:
     return rgb
 
 
+def parse_lora(text: str) -> tuple[str, float, float]:
+    """--lora FILE[:WEIGHT[:TE_WEIGHT]] (a file, or a name from the LoRA folders) -> (file, U-Net, text encoder)."""
+    parts = str(text).rsplit(":", 2)
+    weights: list[float] = []
+    while len(parts) > 1:  # trailing numbers are weights; a Windows drive's colon is not
+        try:
+            weights.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    name = ":".join(parts)
+    drive = re.match(r"[A-Za-z]:[\\/]", name) is not None
+    if not name or len(weights) > 2 or (":" in name and not drive and not Path(name).expanduser().exists()):
+        raise ValueError(f"--lora must be FILE[:WEIGHT[:TEXT_ENCODER_WEIGHT]], got {text!r}")
+    unet = weights[0] if weights else 1.0
+    return name, unet, weights[1] if len(weights) > 1 else unet
+
+
 def _our_name(kind: str, name: str | None) -> str | None:
     """Our id for a sampler or schedule given in any of the words we read; unknown names pass through, for
     GenerationOptions to refuse with the list of ours."""
@@ -120,6 +138,7 @@ def settings_from_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
         s["outpaint"] = parse_ints("--outpaint", s["outpaint"], 4, ",", "LEFT,TOP,RIGHT,BOTTOM pixels, e.g. 0,0,256,0")
     s["outpaint_fill"] = parse_outpaint_fill(s["outpaint_fill"] or "edge")
     s["clip_skip"] = s["clip_skip"] or None  # 0 and None both mean SDXL's own (penultimate) layer
+    s["loras"] = [parse_lora(text) for text in s["loras"] or ()]
     s["store_paths"] = bool(s["store_paths"])
     return s
 
@@ -195,6 +214,9 @@ def image_settings(settings: Mapping[str, Any], models: Mapping[str, Any], *, pr
     out = {key: value for key, value in settings.items() if key not in MODEL_KEYS}
     for key in FILE_KEYS:
         out[key] = stored_name(settings.get(key), bool(settings.get("store_paths")))
+    # LoRAs by name (found again in the LoRA folders), as prompts name them
+    out["loras"] = [[name if settings.get("store_paths") else stem(Path(name).name), u, t]
+                    for name, u, t in settings.get("loras") or ()]
     out.update(models, prompt=prompt, seed=seed, batch_index=batch_index, size=list(size))
     return out
 
@@ -223,12 +245,16 @@ def infotext(settings: Mapping[str, Any]) -> str:
         (label["guidance_rescale"], s.get("guidance_rescale") or None),
         (label["emphasis"], a1111.EMPHASIS.get(s.get("emphasis"), s.get("emphasis"))
          if s.get("emphasis") not in (None, "original") else None),
+        (label["lora_hashes"], ", ".join(f"{n}: {h}" for n, h in s["lora_hashes"].items())
+         if s.get("lora_hashes") else None),
         (label["refiner"], refiner),
         (label["refiner_switch"], s.get("refiner_switch") if refiner else None),
         # Not "v0.1.0": A1111 would read that as its own old version and switch on its back-compatibility options
         (label["version"], f"sdxl {s['sdxl_version']}" if s.get("sdxl_version") else None),
     ]
-    return a1111.format_infotext(s.get("prompt") or "", s.get("negative_prompt") or "", fields)
+    # LoRAs given apart from the prompt (--lora) go into its text as tags, where A1111 and sites look for them
+    tags = "".join(f" <lora:{n}:{t:g}>" if t == u else f" <lora:{n}:{t:g}:{u:g}>" for n, u, t in s.get("loras") or ())
+    return a1111.format_infotext((s.get("prompt") or "") + tags, s.get("negative_prompt") or "", fields)
 
 
 def write_png(image, path: str | Path, settings: dict[str, Any]) -> Path:
@@ -278,7 +304,7 @@ def _clip_skip(where: str, value: Any) -> int | None:
 
 # Fields read without a note: bookkeeping (versions, hashes consumed with their model), or already part of
 # what we read (Fooocus applies its styles and prompt expansion to the prompt it writes).
-A1111_INFORMATIONAL = ("Version", "User", "Hashes", "Refiner hash", "Raw prompt", "Raw negative prompt", "Styles",
+A1111_INFORMATIONAL = ("Version", "User", "Hashes", "Lora hashes", "Refiner hash", "Raw prompt", "Raw negative prompt", "Styles",
                        "Performance", "Metadata Scheme")
 FOOOCUS_NO_VAE = ("", "None", "Default (model)")  # Fooocus' words for "the model's own VAE"
 

@@ -107,3 +107,28 @@ def allow_download(cli_flag: bool) -> bool:
             return False
         raise ValueError(f"{ALLOW_DOWNLOAD_ENV} must be 1 or 0 (true/false), got {value!r}")
     return read_config().get("allow_download") is True
+
+
+LORA_DIRS_ENV = "SDXL_LORA_DIRS"
+EMBEDDING_DIRS_ENV = "SDXL_EMBEDDING_DIRS"
+
+
+def folders(kind: str, cli: list[str] | None) -> list[Path]:
+    """The LoRA ("lora") or embedding ("embedding") folders: the command line's, then $SDXL_LORA_DIRS /
+    $SDXL_EMBEDDING_DIRS (os.pathsep-separated), then `lora_dirs` / `embedding_dirs` in the config file (a list of
+    paths, relative ones relative to the file)."""
+    env = LORA_DIRS_ENV if kind == "lora" else EMBEDDING_DIRS_ENV
+    found = [Path(p).expanduser() for p in cli or ()]
+    found += [Path(p).expanduser() for p in os.environ.get(env, "").split(os.pathsep) if p.strip()]
+    key = f"{kind}_dirs"
+    listed = read_config().get(key, [])
+    if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
+        raise ValueError(f"{config_path()}: '{key}' must be a list of folder paths, got {listed!r}")
+    found += [config_path().parent / Path(p).expanduser() for p in listed]
+    out = []
+    for folder in found:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such {kind} folder")
+        if folder not in out:
+            out.append(folder)
+    return out
