@@ -1,7 +1,7 @@
 """The package's import structure: every module imports only modules of its own layer or below it, and no
 import cycle exists (counting the imports inside functions too, so lazy imports cannot hide one).
 
-    models <- sampling / checkpoints <- conditioning / latents / options <- pipeline <- interfaces / training
+    models <- sampling / checkpoints / adapters <- conditioning / latents / options <- pipeline <- interfaces / training
 
 Leaves that everything may use: `dtypes`, `builtin`, `images`, `acceleration`, `prompts` (torch-free syntax). The package's `__init__` is the
 public face (`sdxl.load` imports the pipeline when first used), so it is on top; importing it for its version is

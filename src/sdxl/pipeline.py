@@ -28,7 +28,13 @@ purpose: an empty negative prompt ("") counts as no negative prompt (diffusers z
 None); `clip_skip` applies to the negative prompt too; the refiner's bigG encoder reads `prompt_2`
 (diffusers gives it `prompt`); negative micro-conditioning values default to the positive ones
 wherever they are not given; image i of a batch never depends on the batch size (diffusers'
-inpainting encodes a shared init image with the first generator only).
+inpainting encodes a shared init image with the first generator only); bigG reads "!" as the
+punctuation it is (as OpenCLIP, sgm, AUTOMATIC1111 and ComfyUI do), where diffusers' tokenizer_2 turns
+it into its pad token; prompts are read in AUTOMATIC1111's syntax (`sdxl.prompts`), so brackets weigh
+words unless `emphasis="none"`, and prompts longer than 75 tokens are encoded in chunks, not cut.
+
+LoRAs (`loras=`, `<lora:NAME:W>` in prompts) are merged into the base's weights before the run and
+stay merged until a call asks for another set, which first restores the base weights exactly.
 """
 
 from __future__ import annotations
