@@ -295,3 +295,13 @@ def test_every_sampler_runs_on_every_schedule(sampler):
                callback=lambda i, n, x, d, seen=steps: seen.append((i, n, d.shape)))
         assert torch.isfinite(out).all() and 0.05 < out.std() < 5, (sampler, schedule)
         assert steps == [(i, plan.steps, (1, 4, 8, 8)) for i in range(plan.steps)]
+
+
+def test_too_many_steps_for_a_log_step_sampler_is_a_clear_error():
+    from sdxl.sampling import TrainingSchedule, make_plan
+
+    training = TrainingSchedule.from_diffusers({})
+    with pytest.raises(ValueError, match="1000 steps of the 'default' schedule repeat .* dpmpp_2m cannot take a step"):
+        make_plan(training, "dpmpp_2m", "default", 1000)
+    assert make_plan(training, "dpmpp_2m", "karras", 1000).steps == 1000  # distinct sigmas: fine
+    assert make_plan(training, "euler", "default", 1000).steps == 1000  # a zero step is harmless for Euler

@@ -498,6 +498,7 @@ def make_plan(
     # the plan's final value: where DDIM lands (its final alpha); the next sigma of the schedule otherwise
     ends = landing if sampler == "ddim" else torch.cat([sigmas[1:], sigmas.new_zeros(1)])
     plan_sigmas = torch.cat([sigmas[keep], ends[keep][-1:]])
+    _check_distinct(sampler, schedule, steps, plan_sigmas.float())
     landing = landing[keep]
     return Plan(
         sampler=sampler,
@@ -507,6 +508,20 @@ def make_plan(
         sigmas_to=None if torch.equal(landing, plan_sigmas[1:]) else landing.float(),
         trimmed=(begin, len(t) - begin - count),
     )
+
+
+# Samplers whose steps divide by the step's log-sigma difference: two equal noise levels in a row (too many steps
+# for a schedule's rounding, e.g. 1000 "default" steps of SDXL's 1000 timesteps) would divide by zero.
+LOG_STEP_SAMPLERS = frozenset({"lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "deis",
+                               "uni_pc", "uni_pc_bh2"})
+
+
+def _check_distinct(sampler: str, schedule: str, steps: int, sigmas: Tensor) -> None:
+    s = sigmas[:-1]
+    if sampler in LOG_STEP_SAMPLERS and bool((s[1:] == s[:-1]).any()):
+        repeats = int((s[1:] == s[:-1]).sum())
+        raise ValueError(f"{steps} steps of the {schedule!r} schedule repeat {repeats} noise level(s), and {sampler} "
+                         "cannot take a step of zero length; use fewer steps or another schedule")
 
 
 def _check_plan_arguments(
