@@ -174,6 +174,10 @@ def test_resume_equals_uninterrupted(data, tmp_path, kind):
     if kind == "lora":
         assert (straight.checkpoint / "lora_kohya_ema.safetensors").is_file()
         assert (straight.checkpoint / "lora_peft.safetensors").is_file()
+        from sdxl.checkpoints.files import read_safetensors_header
+
+        meta = read_safetensors_header(straight.checkpoint / "lora_kohya.safetensors")["__metadata__"]
+        assert meta["ss_output_name"] == "a" and meta["ss_base_model_version"] == "sdxl_base_v1-0"  # kohya's keys
         # Only the adapters trained: the base weights are the random init of the seed.
         fresh = train(config(data, tmp_path / "c", **{**extra, "steps": 1, "save_every": 0}), progress=False)
         f = _state(fresh)

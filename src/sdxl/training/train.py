@@ -377,8 +377,10 @@ def save_checkpoint(folder: Path, cfg: TrainConfig, parts: Components, trainee: 
     for suffix, values in [("", None)] + ([("_ema", ema)] if ema is not None else []):
         with _swapped(params, values):
             if cfg.lora and d.main:
-                lora_lib.save_lora_kohya(parts.unet, folder / f"lora_kohya{suffix}.safetensors", dtype)
-                lora_lib.save_lora_peft(parts.unet, folder / f"lora_peft{suffix}.safetensors", dtype)
+                # ss_output_name: the run's folder name (what <lora:NAME> prompts call it), not "lora_kohya"
+                name = Path(cfg.output_dir).resolve().name + suffix
+                lora_lib.save_lora_kohya(parts.unet, folder / f"lora_kohya{suffix}.safetensors", dtype, name=name)
+                lora_lib.save_lora_peft(parts.unet, folder / f"lora_peft{suffix}.safetensors", dtype, name=name)
             elif not cfg.lora:
                 whole = gathered_components(parts, trainee) if sharded else parts
                 if d.main:
