@@ -22,6 +22,9 @@ from .keymap import CheckpointError, KeyMap
 METADATA_KIND = "sdxl.kind"  # "base", "refiner" or "inpaint"
 METADATA_CONFIGS = "sdxl.configs"  # JSON {component: config fields}, for models that are not the official presets
 METADATA_RECOMMENDED = "sdxl.recommended"  # generation settings for this model, e.g. {"cfg": 3.0}
+DIFFUSERS_RECOMMENDED = "_" + METADATA_RECOMMENDED  # the same in a diffusers folder's model_index.json (diffusers
+# ignores keys that start with "_")
+RECOMMENDABLE = {"cfg": float}  # GenerationOptions fields a file may recommend
 
 # component -> (key map relative to its prefix, entries that are not weights)
 OFFICIAL_KEY_MAPS = {

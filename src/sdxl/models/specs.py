@@ -70,6 +70,9 @@ class Components:
     # Generation settings the model's maker recommends (file metadata "sdxl.recommended", e.g. {"cfg": 3.0}); the
     # pipeline uses them where the user sets nothing.
     recommended: dict = field(default_factory=dict)
+    # component -> `sdxl.checkpoints.load.Origin`: the files its weights were read from, for models loaded from
+    # safetensors files (`sdxl.adapters` restores merged weights from there instead of keeping copies).
+    origins: dict = field(default_factory=dict, repr=False)
 
     def models(self) -> dict[str, torch.nn.Module]:
         """name -> model, for the components present."""
