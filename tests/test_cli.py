@@ -173,3 +173,13 @@ def test_builtin_names_work_wherever_a_model_path_does(cli):
     assert r.out.strip() == "wrote builtin_copy.safetensors (official single file, SDXL base, fp16)"
     copy = describe(cli.work / "builtin_copy.safetensors")
     assert copy.kind == "base" and copy.components.keys() == describe(builtin.path("builtin")).components.keys()
+
+
+def test_a_closed_stdout_ends_quietly():
+    """`sdxl samplers | head -1`: the reader goes away; no "Broken pipe" error, the exit status of a Unix tool
+    ended by SIGPIPE."""
+    proc = subprocess.Popen([sys.executable, "-m", "sdxl", "samplers"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command has written anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == ""

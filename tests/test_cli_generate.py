@@ -372,3 +372,58 @@ def test_user_mistakes_exit_2_with_one_line_and_no_traceback(error_env, name, mo
     lines = [line for line in err.splitlines() if "error" in line]
     assert len(lines) == 1 and lines[0].startswith("sdxl generate: error: "), err
     assert ERROR_CASES[name][1] in lines[0], err
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds, prompt files and text encodings (the one-line errors are in test_bad_input.py).
+
+
+def test_seed_minus_one_is_a_random_seed_stored_in_the_png(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # cli.main changes it
+    seeds = []
+    for name in ("a.png", "b.png"):
+        rc = cli.main(["generate", "a red circle", "--steps", "1", "--seed", "-1", "--out", str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert rc == 0, err
+        seed = metadata.read_settings(tmp_path / name)["seed"]
+        assert 0 <= seed < 2**32 and f"note: --seed -1: seed {seed}" in err
+        seeds.append(seed)
+    assert seeds[0] != seeds[1]  # (equal once in 4 billion runs)
+    rc = cli.main(["generate", "--from-image", str(tmp_path / "a.png"), "--out", str(tmp_path / "again.png")])
+    assert rc == 0 and metadata.read_settings(tmp_path / "again.png")["seed"] == seeds[0]  # the stored seed, not -1
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    (tmp_path / "prompts.txt").write_bytes("\ufeffa red circle\r\na blue square\r\n".encode("utf-8"))
+    rc = cli.main(["generate", "--prompts-file", str(tmp_path / "prompts.txt"), "--steps", "1", "--out",
+                   str(tmp_path / "out")])
+    assert rc == 0, capsys.readouterr().err
+    prompts = [metadata.read_settings(tmp_path / "out" / f"{i:05d}.png")["prompt"] for i in range(2)]
+    assert prompts == ["a red circle", "a blue square"]
+
+
+def test_a_prompt_that_is_not_utf_8_on_a_real_command_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sdxl", "generate", b"a \xff circle", "--out", str(tmp_path / "o")],
+                       capture_output=True, check=False)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and err.splitlines() == [
+        "sdxl generate: error: prompt is not valid UTF-8 text (an undecodable byte at character 2)"], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_keys_sdxl_does_not_read_are_named_with_the_ones_it_does(tmp_path, monkeypatch):
+    (tmp_path / "c.toml").write_text('modle = "x.safetensors"\n')
+    monkeypatch.setenv(settings.CONFIG_ENV, str(tmp_path / "c.toml"))
+    with pytest.warns(UserWarning, match="sdxl does not read 'modle'; its keys are model, allow_download, lora_dirs, "
+                                         "embedding_dirs"):
+        assert settings.read_config() == {"modle": "x.safetensors"}
+
+
+def test_the_limits_on_the_command_line_are_the_librarys():
+    from sdxl import images, options
+
+    assert cli.MAX_PIXELS == options.MAX_PIXELS  # (repeated in cli.py so that --help does not import torch)
+    assert cli.MAX_IMAGE_PIXELS == images.MAX_IMAGE_PIXELS
+    args = cli.build_parser().parse_args(["generate", "x"])
+    assert (args.max_pixels, args.max_image_pixels) == (options.MAX_PIXELS, images.MAX_IMAGE_PIXELS)

@@ -242,3 +242,20 @@ def test_an_unknown_sampler_exits_2_with_one_line_listing_ours(tiny, tmp_path):
     assert all(f"({name})" in line for name in ("euler", "euler_ancestral", "dpmpp_2m", "lcm"))
     assert line.endswith("pass --sampler to choose one")
     assert not (tmp_path / "out.png").exists()
+
+
+def test_every_setting_a_png_stores_has_a_type_that_reading_checks(tiny, tmp_path, run):
+    rc, _, err = run("a kite", "--model", tiny, "--steps", "2", "--width", "64", "--height", "48",
+                     "--out", tmp_path / "kite.png")
+    assert rc == 0, err
+    stored = json.loads(chunk(tmp_path / "kite.png", "sdxl"))
+    assert stored.pop("format") == metadata.FORMAT_VERSION
+    assert set(stored) <= set(metadata.STORED_TYPES), set(stored) - set(metadata.STORED_TYPES)
+    metadata.check_stored(stored)  # what sdxl writes, it reads
+    for key in stored:
+        with pytest.raises(ValueError, match=f"its stored setting '{key}' must be "):
+            metadata.check_stored({**stored, key: [{}]})  # a value of no setting's type
+    for key, wrong in (("fp8", "no"), ("seed", "42"), ("steps", 2.0), ("vae_tiling", 0), ("cfg", "3")):
+        with pytest.raises(ValueError, match=f"its stored setting '{key}' must be "):
+            metadata.check_stored({**stored, key: wrong})  # never coerced: "no" would switch fp8 on
+    metadata.check_stored({**stored, "seed": "42"}, skip=frozenset({"seed"}))  # given on the command line instead

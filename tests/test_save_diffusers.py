@@ -458,3 +458,32 @@ def test_diffusers_loads_refiner_folder(refiner, refiner_folder):
     pooled, time_ids = torch.randn(1, 64, generator=g), torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 6.0]])
     outputs = run_unets(refiner.unet, pipe.unet, x, torch.tensor([500.0]), context, pooled, time_ids)
     assert_close(*outputs, "refiner unet")
+
+
+def test_a_diffusers_folder_keeps_the_models_recommended_settings(tmp_path):
+    from sdxl.checkpoints.paths import resolve_path
+
+    parts = load_single_file(resolve_path("builtin"))
+    assert parts.recommended == {"cfg": 3.0}  # the built-in base recommends cfg 3
+    save_diffusers(parts, tmp_path / "folder")
+    assert load_diffusers(tmp_path / "folder").recommended == {"cfg": 3.0}
+    index = read_json(tmp_path / "folder" / "model_index.json")
+    index["_sdxl.recommended"] = {"cfg": "loud"}
+    (tmp_path / "folder" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="model_index.json: unreadable _sdxl.recommended"):
+        load_diffusers(tmp_path / "folder")
+
+
+def test_integer_weights_are_refused(tmp_path, base):
+    from safetensors.torch import load_file, save_file
+
+    save_single_file(base, tmp_path / "m.safetensors", dtype=torch.float32)
+    tensors = load_file(str(tmp_path / "m.safetensors"))
+    # (the file reader refuses integer *.weight / *.bias tensors by name; the loader any weight of the model)
+    key = next(k for k in tensors if k.endswith("model.positional_embedding"))
+    tensors[key] = tensors[key].to(torch.int32)
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    with pytest.raises(CheckpointError, match="stored as int32; weights must be floating-point"):
+        load_single_file(tmp_path / "bad.safetensors")

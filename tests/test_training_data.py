@@ -22,6 +22,7 @@ from sdxl.training import shapes as S
 from sdxl.training.data import (
     SDXL_BUCKETS,
     BucketBatchSampler,
+    DataError,
     Example,
     ImageCaptionDataset,
     buckets,
@@ -248,6 +249,61 @@ def test_errors(tmp_path, caplog):
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "gone.png", "text": "t"}))
     with pytest.raises(ValueError, match="gone.png"):
         ImageCaptionDataset(tmp_path, resolution=32, bucket_multiple=8)
+
+
+def test_images_are_decoded_at_the_scan_and_unreadable_ones_named_or_skipped(tmp_path, caplog):
+    for name in ("a", "b", "c"):
+        _noise(40, 32, ord(name)).save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(name)
+    whole = (tmp_path / "b.png").read_bytes()
+    (tmp_path / "b.png").write_bytes(whole[: len(whole) // 2])  # a valid header: only decoding finds it
+    with pytest.raises(DataError) as e:
+        ImageCaptionDataset(tmp_path, resolution=32, bucket_multiple=8)
+    assert str(e.value).startswith(f"{tmp_path}: 1 unreadable image(s): b.png (")
+    assert "skip_unreadable_images = true" in str(e.value)
+    with caplog.at_level(logging.WARNING):
+        ds = ImageCaptionDataset(tmp_path, resolution=32, bucket_multiple=8, skip_unreadable=True)
+    assert [p.name for p in ds.paths] == ["a.png", "c.png"] and ds.captions == ["a", "c"]
+    assert [rel for rel, _ in ds.skipped] == ["b.png"] and "skipping 1 unreadable image(s): b.png" in caplog.text
+    # A file spoiled after the scan: DataError naming it, one line also through a DataLoader worker process.
+    (tmp_path / "c.png").write_bytes(b"gone bad")
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, sampler=[1], num_workers=1)
+    with pytest.raises(DataError) as e:
+        next(iter(loader))
+    message = str(e.value)  # (the words are sdxl.images.load_image's)
+    assert message.startswith(f"{tmp_path / 'c.png'}: ") and "\n" not in message and "Caught" not in message
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "c.png").unlink()
+    with pytest.raises(DataError, match="no readable image left"):
+        ImageCaptionDataset(tmp_path, resolution=32, bucket_multiple=8, skip_unreadable=True)
+
+
+def test_captions_are_utf8_with_or_without_a_byte_order_mark(tmp_path):
+    _noise(32, 32, 0).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes("\ufeffcaf\u00e9 au lait\n".encode("utf-8"))
+    assert ImageCaptionDataset(tmp_path, resolution=32, bucket_multiple=8).captions == ["caf\u00e9 au lait"]
+    (tmp_path / "a.txt").write_bytes("caf\u00e9".encode("cp1252"))
+    with pytest.raises(DataError) as e:
+        ImageCaptionDataset(tmp_path, resolution=32, bucket_multiple=8)
+    assert str(e.value) == f"{tmp_path / 'a.txt'}: not UTF-8 text (byte 3: b'\\xe9'); save it as UTF-8"
+    (tmp_path / "metadata.jsonl").write_bytes(b'{"file_name": "a.png", "text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match="metadata.jsonl: not UTF-8 text"):
+        ImageCaptionDataset(tmp_path, resolution=32, bucket_multiple=8)
+
+
+def test_no_batch_says_whether_images_or_buckets_are_too_few():
+    one_each = [(32, 32), (48, 24), (24, 48), (32, 32)]
+    assert BucketBatchSampler(one_each[:1], 2).shortfall() == "1 image(s), fewer than batch_size = 2"
+    assert BucketBatchSampler(one_each, 4, world_size=2).shortfall() == (
+        "4 image(s), fewer than batch_size = 4 x 2 processes")
+    assert BucketBatchSampler(one_each, 3).shortfall() == (
+        "4 images, but a batch comes from one aspect-ratio bucket and no bucket holds batch_size = 3 of them (images "
+        "per bucket 32x32: 2, 24x48: 1, 48x24: 1): lower batch_size, or add images of those aspect ratios")
+    assert BucketBatchSampler(one_each, 2, world_size=2, drop_last=True).shortfall() == (
+        "the aspect-ratio buckets (32x32: 2, 24x48: 1, 48x24: 1) make 1 full batch(es) of batch_size = 2, fewer than "
+        "the 2 processes: lower batch_size")
+    assert len(BucketBatchSampler(one_each, 2, world_size=2, drop_last=True)) == 0
+    assert BucketBatchSampler(one_each, 2).small_buckets() == {(24, 48): 1, (48, 24): 1}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Images in and out of the pipeline: PIL <-> tensors, inpainting masks, outpainting canvases.
+"""Images in and out of the pipeline: image files and PIL <-> tensors, inpainting masks, outpainting canvases.
 
 Conventions (the same as diffusers' `VaeImageProcessor`, so that results can be compared):
 - The VAE reads and writes images as float tensors (B, 3, H, W) in [-1, 1].
@@ -9,43 +9,167 @@ Conventions (the same as diffusers' `VaeImageProcessor`, so that results can be 
   read as grey levels, resized to the image, divided by 255 and binarised at 0.5; an optional
   Gaussian blur then softens its edges (the blur is applied after binarisation, so it does
   produce a soft transition).
+
+Every image, from a file (`load_image`: init images, masks, training data) or from the Python API (PIL images,
+arrays, tensors), is read into 8-bit RGB (a mask: 8-bit grey) by one rule set (`normalize`):
+- upright: a file's EXIF orientation is applied (as a photo viewer shows it);
+- transparency is composited over white, as AUTOMATIC1111 does (its img2img background colour, #ffffff) and
+  the trainer does; a mask with real transparency is its alpha channel (opaque = repaint), as AUTOMATIC1111
+  reads masks painted on a transparent layer;
+- 16-bit and 32-bit integer greys are scaled from 0..65535 and float greys from 0..1 (a 16-bit mid-grey is
+  mid-grey, not white); uint16 arrays likewise, and integer tensors / arrays with values 0..255 as 8-bit;
+- palettes, CMYK and the other PIL modes are converted by PIL (as diffusers, A1111 and ComfyUI do).
 """
 
 from __future__ import annotations
 
+import threading
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from torch import Tensor
+
+# The largest image file read, in pixels: PIL's own decompression-bomb limit (89,478,485, about 9459 x 9459).
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+_HIGH_BIT_GREYS = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # integer greys read as 0..65535
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+_LIMIT = threading.Lock()  # PIL's limit is a module global: raised for one read at a time
 
 # ---------------------------------------------------------------------------------------------
 # Images.
 
 
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in _ALPHA_MODES or (im.mode in ("P", "L", "RGB") and "transparency" in im.info)
+
+
+def _eight_bit_grey(im: Image.Image) -> Image.Image:
+    """A 16/32-bit integer grey (0..65535) or a float grey (0..1) -> 8-bit grey ("L")."""
+    a = np.asarray(im)
+    if im.mode == "F":
+        a = np.nan_to_num(a.astype(np.float32), nan=0.0) * 255.0
+    else:
+        a = a.astype(np.float64) / 257.0  # 65535 -> 255
+    return Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8), "L")
+
+
+def normalize(im: Image.Image, *, mask: bool = False) -> Image.Image:
+    """Any PIL image -> 8-bit RGB, or 8-bit grey ("L") with mask=True, by the rules in the module's docstring."""
+    if im.mode in (*_HIGH_BIT_GREYS, "F"):
+        im = _eight_bit_grey(im)
+    if mask:
+        if _has_alpha(im):
+            alpha = im.convert("RGBA").getchannel("A")
+            if alpha.getextrema() != (255, 255):  # transparent = keep, opaque = repaint
+                return alpha
+        return im if im.mode == "L" else im.convert("L")
+    if _has_alpha(im):
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _open(path: Path) -> Image.Image:
+    """Image.open (the header only) without PIL's decompression-bomb check: `load_image` checks the size itself,
+    against a limit the caller may raise."""
+    with warnings.catch_warnings(), _LIMIT:  # PIL's limit is a module global: lifted for one open at a time
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def load_image(path: str | Path, *, mask: bool = False, what: str = "--init-image",
+               max_pixels: int | None = None) -> Image.Image:
+    """An image file as the pipeline reads it (`normalize`): 8-bit RGB, or grey with mask=True, upright.
+
+    what: how messages name the file's origin (a flag such as "--mask"; "" for none). ValueError naming the
+    file and `what` for a file that is not an image, is truncated or corrupt, or has more than `max_pixels`
+    pixels (default MAX_IMAGE_PIXELS, checked from the header, before any pixel is decoded);
+    FileNotFoundError for a missing one."""
+    path, limit = Path(path).expanduser(), MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    where = f"{what} {path}" if what else str(path)
+    if path.is_dir():
+        raise ValueError(f"{where}: a folder, not an image file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: no such file")
+    try:
+        opened = _open(path)
+    except UnidentifiedImageError:
+        raise ValueError(f"{where}: not an image file (or not a format PIL reads)") from None
+    with opened:
+        w, h = opened.size
+        if w * h > limit:
+            hint = "; --max-image-pixels N reads larger ones" if what.startswith("--") else ""  # a flag's file
+            raise ValueError(f"{where}: {w}x{h} = {w * h:,} pixels, more than the {limit:,} images are read up to "
+                             f"(a decompression bomb?){hint}")
+        try:
+            opened.load()
+            return normalize(_exif_transpose(opened), mask=mask)
+        except Exception as e:  # noqa: BLE001 (truncated data, broken chunks, zlib errors, modes PIL cannot convert)
+            raise ValueError(f"{where}: cannot read this image: truncated or corrupt ({_reason(e)})") from None
+
+
+def _exif_transpose(im: Image.Image) -> Image.Image:
+    """`im` turned upright by its EXIF orientation: a new image (the file's may be closed after)."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 (a broken EXIF block: the pixels as stored)
+        return im.copy()
+
+
+def _reason(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
+
+
+def _array_to_pil(a: np.ndarray) -> Image.Image:
+    """An (H, W[, C]) array -> PIL: uint8 as is, uint16 over 0..65535, bool as 0/255, floats over 0..1,
+    other integers when their values are 0..255."""
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+        raise ValueError(f"expected an image array (H, W), (H, W, 3) or (H, W, 4), got shape {a.shape}")
+    if a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype == np.uint16:
+        a = (a.astype(np.float64) / 257.0).round().astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise ValueError("the image array holds NaN or infinite values")
+        a = (np.clip(a.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.integer) and a.dtype != np.uint8:
+        if a.size and (a.min() < 0 or a.max() > 255):
+            raise ValueError(f"an integer image array ({a.dtype}) must hold 0..255 (or be uint16), got "
+                             f"{a.min()}..{a.max()}; floats are read as 0..1")
+        a = a.astype(np.uint8)
+    elif a.dtype != np.uint8:
+        raise ValueError(f"expected an image array of uint8, uint16, bool or floats, got {a.dtype}")
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
 def _to_pil(image, mode: str) -> Image.Image:
-    """PIL image, uint8/float numpy array (H, W[, C]) or tensor ([1,] C, H, W) in [0, 1] -> PIL image in `mode`."""
-    if isinstance(image, Image.Image):
-        return image if image.mode == mode else image.convert(mode)
+    """PIL image, numpy array (H, W[, C]) or tensor ([1,] C, H, W) -> PIL image in `mode` ("RGB" or "L", by
+    `normalize`). Float arrays and tensors are in [0, 1]; see `_array_to_pil` for the others."""
     if isinstance(image, Tensor):
-        t = image.detach().cpu().float()
+        t = image.detach().cpu()
         if t.ndim == 4:
             if t.shape[0] != 1:
                 raise ValueError(f"expected one image, got a batch of {t.shape[0]}")
             t = t[0]
         if t.ndim == 3:
             t = t.permute(1, 2, 0)  # C, H, W -> H, W, C
-        image = t.numpy()
+        image = (t.float() if t.is_floating_point() else t).numpy()
     if isinstance(image, np.ndarray):
-        a = image
-        if a.ndim == 3 and a.shape[-1] == 1:
-            a = a[..., 0]
-        if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
-            raise ValueError(f"expected an image array (H, W), (H, W, 3) or (H, W, 4), got shape {a.shape}")
-        if a.dtype != np.uint8:
-            a = (np.clip(a.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
-        return Image.fromarray(a).convert(mode)
+        image = _array_to_pil(image)
+    if isinstance(image, Image.Image):
+        return normalize(image, mask=mode == "L")
     raise TypeError(f"expected a PIL image, a numpy array or a torch tensor, got {type(image).__name__}")
 
 
@@ -81,7 +205,11 @@ def to_unit(images: Tensor) -> Tensor:
 
 def to_pil(images: Tensor) -> list[Image.Image]:
     """VAE output (B, 3, H, W) in about [-1, 1] -> PIL RGB images."""
-    unit = to_unit(images).numpy()
+    return unit_to_pil(to_unit(images).numpy())
+
+
+def unit_to_pil(unit: np.ndarray) -> list[Image.Image]:
+    """Float images (B, H, W, 3) in [0, 1] (`to_unit`, the pipeline's output="np") -> PIL RGB images."""
     return [Image.fromarray((u * 255).round().astype(np.uint8)) for u in unit]
 
 

@@ -10,14 +10,28 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from . import images as imaging
 from . import sampling
 
-__all__ = ["DEFAULT_CFG", "GenerationOptions", "OUTPUTS", "ResolutionWarning", "SDXL_BUCKETS", "SDXL_RESOLUTIONS",
-           "warn_if_untrained_size"]
+__all__ = [
+    "DEFAULT_CFG",
+    "MAX_PIXELS",
+    "OUTPUTS",
+    "SDXL_BUCKETS",
+    "SDXL_RESOLUTIONS",
+    "SEEDS",
+    "GenerationOptions",
+    "OptionError",
+    "ResolutionWarning",
+    "check_clip_skip",
+    "check_pixels",
+    "planned_size",
+    "warn_if_untrained_size",
+]
 
 Size = tuple[int, int]
 
@@ -55,6 +69,12 @@ SDXL_RESOLUTIONS: frozenset[Size] = frozenset(SDXL_BUCKETS) | {(h, w) for w, h i
 OUTPUTS = ("pil", "np", "latent")
 EMPHASIS = ("original", "no_norm", "comfy", "none")  # sdxl.conditioning's weightings of (word:1.2)
 DEFAULT_CFG = 5.0  # the guidance scale for models that recommend none (SDXL's usual 5-7)
+MAX_CFG = 100.0  # ComfyUI's bound (A1111's slider stops at 30): beyond it the guided prediction only overflows
+MAX_STEPS = 10_000  # ComfyUI's bound: a schedule is an array of steps + 1 numbers
+SEEDS = 2**32  # seeds are 0 <= seed < 2**32, AUTOMATIC1111's range (image i of a batch uses seed + i)
+# The most pixels one call makes (width x height x batch) unless the caller allows more: 16 times SDXL's 1024x1024,
+# e.g. one 4096x4096 image or a batch of 16 at 1024x1024; the VAE alone needs about 1 GB per megapixel in float16.
+MAX_PIXELS = 4096 * 4096
 SDXL_LATENT_SIZE = 128  # sample_size of a full-size SDXL U-Net (1024 pixels): the one the bucket table is for
 
 
@@ -71,15 +91,24 @@ def warn_if_untrained_size(width: int, height: int, sample_size: int, *, stackle
         )
 
 
+class OptionError(ValueError):
+    """A GenerationOptions field with a value it does not allow; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 def _pair(name: str, value, *, allow_none: bool = True) -> Size | None:
     if value is None and allow_none:
         return None
     try:
         a, b = value
+        ok = all(_is_number(v) and math.isfinite(v) and int(v) == v for v in (a, b))
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a pair of integers, got {value!r}") from None
-    if int(a) != a or int(b) != b:
-        raise ValueError(f"{name} must be a pair of integers, got {value!r}")
+        ok = False
+    if not ok:
+        raise OptionError(name, f"{name} must be a pair of integers, got {value!r}")
     return int(a), int(b)
 
 
@@ -87,17 +116,30 @@ def _lora(entry) -> tuple[str, float, float]:
     """A LoRA entry as (name or path, U-Net weight, text-encoder weight)."""
     form = "(name or path, weight) or (name or path, U-Net weight, text-encoder weight)"
     if isinstance(entry, (str, bytes)) or not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
-        raise ValueError(f"loras entries must be {form}, got {entry!r}")
+        raise OptionError("loras", f"loras entries must be {form}, got {entry!r}")
     name, *weights = entry
     if not isinstance(name, str) or not name:
-        raise ValueError(f"loras entries must be {form}, got {entry!r}")
+        raise OptionError("loras", f"loras entries must be {form}, got {entry!r}")
     if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
-        raise ValueError(f"LoRA {name!r}: weights must be finite numbers, got {weights!r}")
+        raise OptionError("loras", f"LoRA {name!r}: weights must be finite numbers, got {weights!r}")
     return name, float(weights[0]), float(weights[-1])
 
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite(name: str, value, low: float, high: float = math.inf, *, what: str = "") -> None:
+    """value must be a finite number in [low, high] (OptionError naming `name` otherwise)."""
+    if not (_is_number(value) and math.isfinite(value) and low <= value <= high):
+        bounds = [f">= {low:g}"] if low > -math.inf else []
+        bounds += [f"<= {high:g}"] if high < math.inf else []
+        text = f" {' and '.join(bounds)}" if bounds else ""
+        raise OptionError(name, f"{name} must be a finite number{text}{what}, got {value!r}")
 
 
 @dataclass
@@ -161,64 +203,127 @@ class GenerationOptions:
         self._check_images()
 
     def _check_text(self) -> None:
-        for name in ("prompt", "negative_prompt"):
-            if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
-        for name in ("prompt_2", "negative_prompt_2"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a string or None, got {type(getattr(self, name)).__name__}")
+        for name in ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2"):
+            value = getattr(self, name)
+            if value is None and name.endswith("_2"):
+                continue
+            if not isinstance(value, str):
+                kind = "a string" if not name.endswith("_2") else "a string or None"
+                raise OptionError(name, f"{name} must be {kind}, got {type(value).__name__}")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8 (e.g. on a command line)
+                raise OptionError(name, f"{name} is not valid UTF-8 text (an undecodable byte at character "
+                                        f"{e.start})") from None
 
     def _check_numbers(self) -> None:
         for name in ("width", "height"):
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v <= 0 or v % 8):
-                raise ValueError(f"{name} must be a positive multiple of 8 (pixels), got {v!r}")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+                raise OptionError(name, f"{name} must be a positive multiple of 8 (pixels), got {v!r}")
+        if not _is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
+            raise OptionError("steps", f"steps must be an integer >= 1 and <= {MAX_STEPS}, got {self.steps!r}")
         if not _is_int(self.batch) or self.batch < 1:
-            raise ValueError(f"batch must be an integer >= 1 (images per call), got {self.batch!r}")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if self.cfg is not None and (not isinstance(self.cfg, (int, float)) or not math.isfinite(self.cfg) or self.cfg < 0):
-            raise ValueError(f"cfg must be a finite number >= 0, got {self.cfg!r}")
-        if not 0.0 <= self.guidance_rescale <= 1.0:
-            raise ValueError(f"guidance_rescale must be in [0, 1], got {self.guidance_rescale!r}")
-        if not (isinstance(self.strength, (int, float)) and 0.0 < self.strength <= 1.0):
-            raise ValueError(f"strength must be in (0, 1] (1 = start from pure noise), got {self.strength!r}")
-        if self.refiner_switch is not None and not 0.0 < self.refiner_switch < 1.0:
-            raise ValueError(f"refiner_switch must be in (0, 1) or None (no refiner), got {self.refiner_switch!r}")
-        if self.clip_skip is not None and (not isinstance(self.clip_skip, int) or self.clip_skip < 0):
-            raise ValueError(f"clip_skip must be None or an integer >= 0, got {self.clip_skip!r}")
-        if self.mask_blur < 0:
-            raise ValueError(f"mask_blur must be >= 0 pixels, got {self.mask_blur!r}")
+            raise OptionError("batch", f"batch must be an integer >= 1 (images per call), got {self.batch!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < SEEDS:
+            raise OptionError("seed", f"seed must be an integer in 0..{SEEDS - 1} (AUTOMATIC1111's range), "
+                                      f"got {self.seed!r}")
+        if self.seed + self.batch > SEEDS:
+            raise OptionError("seed", f"seed + batch - 1 must be at most {SEEDS - 1} (image i of a batch uses "
+                                      f"seed + i), got seed {self.seed} with batch {self.batch}")
+        if self.cfg is not None:
+            _finite("cfg", self.cfg, 0.0, MAX_CFG)
+        if not (_is_number(self.guidance_rescale) and 0.0 <= self.guidance_rescale <= 1.0):
+            raise OptionError("guidance_rescale", f"guidance_rescale must be in [0, 1], got {self.guidance_rescale!r}")
+        if not (_is_number(self.strength) and 0.0 < self.strength <= 1.0):
+            raise OptionError("strength", f"strength must be in (0, 1] (1 = start from pure noise), "
+                                          f"got {self.strength!r}")
+        if self.refiner_switch is not None and not (_is_number(self.refiner_switch) and 0.0 < self.refiner_switch < 1.0):
+            raise OptionError("refiner_switch", f"refiner_switch must be in (0, 1) or None (no refiner), "
+                                                f"got {self.refiner_switch!r}")
+        if self.clip_skip is not None and (not _is_int(self.clip_skip) or self.clip_skip < 0):
+            raise OptionError("clip_skip", f"clip_skip must be None or an integer >= 0, got {self.clip_skip!r}")
+        _finite("mask_blur", self.mask_blur, 0.0, what=" pixels")
+        _finite("aesthetic_score", self.aesthetic_score, -math.inf)
+        _finite("negative_aesthetic_score", self.negative_aesthetic_score, -math.inf)
 
     def _check_names(self) -> None:
         if self.sampler not in sampling.SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(sampling.SAMPLERS)}")
+            raise OptionError("sampler", f"unknown sampler {self.sampler!r}; choose one of {', '.join(sampling.SAMPLERS)}")
         if self.schedule not in sampling.SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(sampling.SCHEDULES)}")
+            raise OptionError("schedule", f"unknown schedule {self.schedule!r}; choose one of {', '.join(sampling.SCHEDULES)}")
         if self.emphasis not in EMPHASIS:
-            raise ValueError(f"unknown emphasis {self.emphasis!r}; choose one of {', '.join(EMPHASIS)}")
+            raise OptionError("emphasis", f"unknown emphasis {self.emphasis!r}; choose one of {', '.join(EMPHASIS)}")
         if self.output not in OUTPUTS:
-            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
+            raise OptionError("output", f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
 
     def _check_images(self) -> None:
         if self.mask is not None and self.init_image is None:
-            raise ValueError("a mask needs an init_image (the image to inpaint)")
+            raise OptionError("mask", "a mask needs an init_image (the image to inpaint)")
         if self.outpaint is not None:
             if self.init_image is None:
-                raise ValueError("outpaint needs an init_image (the image to extend)")
+                raise OptionError("outpaint", "outpaint needs an init_image (the image to extend)")
             if self.mask is not None:
-                raise ValueError("give either a mask or outpaint padding, not both (outpainting makes its own mask)")
+                raise OptionError("outpaint", "give either a mask or outpaint padding, not both (outpainting makes its own mask)")
             if len(self.outpaint) != 4 or any(not isinstance(p, int) or p < 0 for p in self.outpaint):
-                raise ValueError(f"outpaint must be 4 non-negative integers (left, top, right, bottom), got {self.outpaint!r}")
+                raise OptionError("outpaint", f"outpaint must be 4 non-negative integers (left, top, right, bottom), got {self.outpaint!r}")
         if self.init_image is not None:
             w, h = imaging.image_size(self.init_image)
             if w < 8 or h < 8:
-                raise ValueError(f"init_image must be at least 8x8 pixels, got {w}x{h}")
+                raise OptionError("init_image", f"init_image must be at least 8x8 pixels, got {w}x{h}")
             if self.mask is not None and imaging.image_size(self.mask) != (w, h):
                 mw, mh = imaging.image_size(self.mask)
-                raise ValueError(f"mask ({mw}x{mh}) and init_image ({w}x{h}) must have the same size")
+                raise OptionError("mask", f"mask ({mw}x{mh}) and init_image ({w}x{h}) must have the same size")
 
     def replace(self, **changes) -> GenerationOptions:
         return dataclasses.replace(self, **changes)
+
+
+# -- checks that need more than the options: the memory a call may use, the model's text encoders
+
+
+def planned_size(o: GenerationOptions, native: int | None = None) -> Size | None:
+    """(width, height) of the images a call makes, as the pipeline chooses it: width / height, else the init
+    image's size (after outpaint padding) rounded down to a multiple of 8, else `native` (the model's size).
+    None when that depends on a model not given (`native` None)."""
+    if o.init_image is not None:
+        w, h = _canvas(o)
+        return o.width or w // 8 * 8, o.height or h // 8 * 8
+    if native is None and (o.width is None or o.height is None):
+        return None
+    return o.width or native, o.height or native
+
+
+def _canvas(o: GenerationOptions) -> Size:
+    """(width, height) of the init image, padded by `outpaint` (each side rounded up to a multiple of 8)."""
+    w, h = imaging.image_size(o.init_image)
+    if o.outpaint is not None:
+        left, top, right, bottom = o.outpaint
+        w, h = -(-(w + left + right) // 8) * 8, -(-(h + top + bottom) // 8) * 8
+    return w, h
+
+
+def check_pixels(o: GenerationOptions, max_pixels: int = MAX_PIXELS, *, native: int | None = None,
+                 override: str = "max_pixels") -> None:
+    """OptionError when a call would make more than `max_pixels` pixels (width x height x batch; an outpaint
+    canvas counts too), before anything is allocated. Sides still unknown (no `native` yet) count as 8 pixels,
+    so absurd sizes are refused before the model loads; `override` names the setting that raises the bound."""
+    size = planned_size(o, native)
+    w, h = size if size is not None else (o.width or 8, o.height or 8)
+    sizes = [(f"{w}x{h}" + (f" x batch {o.batch}" if o.batch > 1 else ""), w * h * o.batch)]
+    if o.init_image is not None and o.outpaint is not None:
+        cw, ch = _canvas(o)
+        sizes.append((f"the outpainting canvas of {cw}x{ch}", cw * ch))
+    for what, pixels in sizes:
+        if pixels > max_pixels:
+            raise OptionError("width", f"{what} = {pixels:,} pixels is more than the {max_pixels:,} one call may "
+                                       f"make ({override} N allows more, where memory does: the VAE alone needs "
+                                       "about 1 GB per megapixel in float16)")
+
+
+def check_clip_skip(clip_skip: int | None, layers: Sequence[int]) -> None:
+    """clip_skip must leave SDXL's layer in every text encoder: 0 .. (the fewest layers) - 2."""
+    if clip_skip and layers and clip_skip > min(layers) - 2:
+        raise OptionError("clip_skip", f"clip_skip {clip_skip} is out of range for this model: its text encoders "
+                                       f"have {' and '.join(map(str, layers))} layers, so clip_skip is "
+                                       f"0..{min(layers) - 2}")

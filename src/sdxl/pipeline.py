@@ -55,7 +55,15 @@ from .checkpoints.paths import resolve_path
 from .conditioning import Conditioning, PromptCache, Schedule, scheduled_conditioning
 from .latents import Inpaint, PrecisionWarning, decode_latents, encode_image, initial_noise, inpaint_start
 from .models.specs import Components
-from .options import DEFAULT_CFG, SDXL_RESOLUTIONS, GenerationOptions, ResolutionWarning, warn_if_untrained_size
+from .options import (
+    DEFAULT_CFG,
+    MAX_PIXELS,
+    SDXL_RESOLUTIONS,
+    GenerationOptions,
+    ResolutionWarning,
+    check_pixels,
+    warn_if_untrained_size,
+)
 from .prompts import extract_networks
 from .sampling import Cancelled
 
@@ -231,6 +239,7 @@ class Pipeline:
         self.lora_library = Library(lora_dirs, LORA_SUFFIXES, kind="LoRA", aliases=True)
         self.embedding_library = Library(embedding_dirs, EMBEDDING_SUFFIXES, kind="embedding")
         self.allow_adapter_paths = allow_adapter_paths
+        self.max_pixels = MAX_PIXELS  # width x height x batch per call (options.check_pixels); raise it on purpose
         self.adapters = Active()  # the LoRAs merged into the base now
         self.last_loras: list[tuple[str, Path, float, float]] = []  # (name, file, U-Net, text-encoder weight)
         self._embeddings: dict[int, Embeddings] = {}
@@ -338,6 +347,7 @@ class Pipeline:
             o = o.replace(cfg=self.recommended_cfg(model))
         o, embeddings = self._prepare(o, model)
         init, mask, width, height = _images_in(o, model)
+        check_pixels(o.replace(width=width, height=height), self.max_pixels)  # before anything is allocated
         _check_channels(model, mask)
         stages = _stages(model, refiner if mask is None else None, o, strength=o.strength if init is not None else 1.0)
         gens = [torch.Generator().manual_seed(o.seed + i) for i in range(o.batch)]

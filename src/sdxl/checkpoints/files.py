@@ -8,17 +8,20 @@ tensors and plain containers, so opening a file never runs code from it.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import re
 import struct
+import uuid
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -33,6 +36,14 @@ SAFETENSORS_DTYPES = {
 }
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+WEIGHT_SUFFIXES = (".weight", ".bias")  # tensors that are floating-point numbers in every SDXL layout
+
+
+def _check_float(path: Path, name: str, dtype: torch.dtype | None) -> None:
+    """A weight or bias stored as integers (a quantized, foreign or damaged file) is refused by name."""
+    if name.endswith(WEIGHT_SUFFIXES) and dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
+        raise CheckpointError(f"{path}: tensor {name} is stored as {str(dtype).removeprefix('torch.')}, but weights "
+                              "are floating-point numbers (a quantized or damaged file?)")
 
 
 class TensorFile(Mapping[str, Tensor]):
@@ -74,8 +85,12 @@ class TensorFile(Mapping[str, Tensor]):
 
     def __getitem__(self, name: str) -> Tensor:
         i, dtype_name, shape = self._index[name]
+        _check_float(self.paths[i], name, SAFETENSORS_DTYPES.get(dtype_name))
         if self.read_to is None or dtype_name not in SAFETENSORS_DTYPES:
-            return self._handles[i].get_tensor(name)
+            try:
+                return self._handles[i].get_tensor(name)
+            except SafetensorError as e:
+                raise CheckpointError(f"{self.paths[i]}: cannot read tensor {name} ({e})") from None
         stored = SAFETENSORS_DTYPES[dtype_name]
         dtype = self.read_dtype if self.read_dtype is not None and stored.is_floating_point else stored
         # On the CPU floats are converted as they leave the buffer (no second pass). A GPU gets the stored dtype and
@@ -156,11 +171,16 @@ class PickledTensors(dict):
         self.path = path
         self.metadata: dict[str, str] = {}
 
+    def __getitem__(self, name: str) -> Tensor:
+        tensor = super().__getitem__(name)
+        _check_float(self.path, name, tensor.dtype)
+        return tensor
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self[name].shape)
+        return tuple(dict.__getitem__(self, name).shape)
 
     def dtype(self, name: str) -> torch.dtype:
-        return self[name].dtype
+        return dict.__getitem__(self, name).dtype
 
     def storage_dtypes(self, prefix: str = "") -> dict[str, int]:
         names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
@@ -244,6 +264,14 @@ def open_tensors(path: str | Path) -> TensorFile | PickledTensors:
 
 
 def _load_pickle(path: Path) -> PickledTensors:
+    with open(path, "rb") as f:
+        start = f.read(2)
+    # torch.save writes a zip archive (PK); older files are a raw pickle (protocol 2+: 0x80, the protocol)
+    if not zipfile.is_zipfile(path) and not (start[:1] == b"\x80" and start[1:2] in b"\x02\x03\x04\x05"):
+        size = path.stat().st_size
+        what = "it is empty" if size == 0 else _describe_start(path)
+        raise CheckpointError(f"{path}: refused to load this pickle file: it is corrupt or not a PyTorch checkpoint "
+                              f"at all (neither a zip archive nor a pickle; {what})")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols: not the user's business
             warnings.simplefilter("ignore")
@@ -278,8 +306,40 @@ def open_shards(files: list[Path]) -> TensorFile | PickledTensors:
 
 
 def save_tensors(tensors: Mapping[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file (contiguous CPU copies, written to a temporary name first)."""
+    """Write a safetensors file (contiguous CPU copies): to a hidden temporary name in the same folder first,
+    renamed into place when complete; removed on any failure. The file gets the usual permissions (0666 less
+    the umask: 0644 by default), not the 0600 of safetensors' own temporary file. An OSError (naming `path`)
+    when it cannot be written, e.g. a full disk."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        try:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        except SafetensorError as e:
+            raise _write_error(e, path) from None
+        os.chmod(tmp, 0o666 & ~_umask())
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_error(e: SafetensorError, path: Path) -> OSError:
+    """safetensors' I/O error as an OSError of `path` ("... (os error 28)": no space left on the device)."""
+    found = re.search(r"os error (\d+)", str(e))
+    code = int(found.group(1)) if found else errno.EIO
+    return OSError(code, os.strerror(code), str(path))
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux), else by setting it back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -11,6 +11,11 @@ repos: model_index.json, unet/ and vae/ (diffusers configs and `diffusion_pytorc
 text_encoder/ and text_encoder_2/ (transformers configs and `model*.safetensors` in the published
 `text_model.*` spelling), tokenizer/ and tokenizer_2/ (CLIPTokenizer files), scheduler/. A config
 that is not an official preset is written as it is: diffusers' config.json carries all we need.
+The model's recommended generation settings (`Components.recommended`, e.g. the built-in model's cfg 3;
+the single file's `sdxl.recommended` metadata) go into model_index.json as DIFFUSERS_RECOMMENDED, a key
+diffusers ignores (it skips keys that start with "_").
+
+Written weight files get the usual permissions (0644 under the default umask), as any other file.
 """
 
 from __future__ import annotations
@@ -26,11 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..models.specs import COMPONENTS
 from .files import save_tensors
 from .formats import OFFICIAL_PREFIXES
-from ..models.specs import COMPONENTS
 from .keymap import CheckpointError, invert
-from .official import METADATA_CONFIGS, METADATA_KIND, METADATA_RECOMMENDED, official_key_maps
+from .official import DIFFUSERS_RECOMMENDED, METADATA_CONFIGS, METADATA_KIND, METADATA_RECOMMENDED, official_key_maps
 
 
 def official_layout(components, dtype: torch.dtype | None = torch.float16) -> dict[str, torch.Tensor]:
@@ -107,6 +112,7 @@ SDXL_SCHEDULER: dict[str, Any] = {
     "trained_betas": None,
     "use_karras_sigmas": False,
 }
+# model_index.json's key for Components.recommended ({"cfg": 3.0}): diffusers ignores keys starting with "_".
 # The pad token of each tokenizer folder (tokenizer_2 pads with "!", id 0, as open_clip pads with 0).
 TOKENIZER_PADS = {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"}
 
@@ -181,6 +187,8 @@ def diffusers_model_index(components) -> dict[str, Any]:
     }
     if kind == "refiner":
         index["requires_aesthetics_score"] = True  # its U-Net is conditioned on an aesthetic score
+    if getattr(components, "recommended", None):
+        index[DIFFUSERS_RECOMMENDED] = dict(components.recommended)
     for name in COMPONENTS:
         index[name] = list(DIFFUSERS_CLASSES[name]) if name in parts else [None, None]
     return index

@@ -3,8 +3,10 @@
 Heavy imports (torch, the models) happen inside the commands, so `sdxl --help` is instant.
 `generate` turns its flags into settings, options and PNG metadata with `metadata.py` (in AUTOMATIC1111's words,
 `a1111.py`), hashes models with `hashes.py` and takes its default model from `settings.py`.
-A user mistake (a wrong path, a file that is not SDXL) ends with a one-line message and exit
-status 2, never a traceback.
+A user mistake (a wrong path, a file that is not SDXL, a value out of range) ends with a one-line message and
+exit status 2, never a traceback: `errors.py` is the one place that turns failures into that line (Ctrl-C: 130).
+Outputs never overwrite anything and never appear half-written (`outputs.py`); everything that can be checked is
+checked before the model loads.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from typing import Any
 
 from ..dtypes import NAMES as DTYPE_NAMES
 from .settings import ALLOW_DOWNLOAD_ENV, MODEL_ENV
+
+MAX_PIXELS = 4096 * 4096  # sdxl.options.MAX_PIXELS (repeated so that --help does not import torch)
+MAX_IMAGE_PIXELS = 89_478_485  # sdxl.images.MAX_IMAGE_PIXELS: PIL's decompression-bomb limit
 
 
 def _adapter_file(path: Path) -> bool:
@@ -55,21 +60,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _output_paths(out: str, count: int) -> list[Path]:
-    """`count` new PNG paths: OUT itself for one image named *.png, else numbered files in folder OUT."""
-    out_path = Path(out)
-    if out_path.suffix.lower() == ".png" and count == 1:
-        if out_path.exists():
-            raise ValueError(f"{out_path} already exists; choose a new name or an output folder")
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        return [out_path]
-    folder = out_path.with_suffix("") if out_path.suffix.lower() == ".png" else out_path
-    folder.mkdir(parents=True, exist_ok=True)
-    taken = [int(p.stem) for p in folder.glob("*.png") if p.stem.isdigit()]
-    start = max(taken, default=-1) + 1  # numbered names that never overwrite
-    return [folder / f"{start + i:05d}.png" for i in range(count)]
-
-
 def _explicit_settings(argv: list[str]) -> set[str]:
     """The settings the command line gives explicitly (they override an image's stored settings)."""
     args = build_parser(suppress_defaults=True).parse_args(argv)
@@ -77,13 +67,61 @@ def _explicit_settings(argv: list[str]) -> set[str]:
 
 
 def _read_prompts(path: str) -> list[str]:
-    file = Path(path)
+    """One prompt a line (blank lines skipped) from a UTF-8 file; a byte-order mark is not part of the first."""
+    file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"--prompts-file {path}: no such file")
-    prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"--prompts-file {path}: line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x}); "
+                         "save the file as UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"--prompts-file {path}: no prompts in it (one prompt a line; blank lines are skipped)")
     return prompts
+
+
+def _prompts(args: argparse.Namespace, settings: dict[str, Any]) -> list[str]:
+    if args.prompts_file:
+        if args.prompt is not None:
+            raise ValueError(f"give a PROMPT or --prompts-file, not both ({args.prompt!r} would not be used)")
+        return _read_prompts(args.prompts_file)
+    if settings["prompt"] is not None:
+        return [settings["prompt"]]
+    raise ValueError("no prompt: give PROMPT, --prompts-file FILE or --from-image IMAGE.png")
+
+
+def _check_device(device: str | None, stored: bool) -> None:
+    """--device names a device torch knows and this machine has (checked before the model loads)."""
+    if not device:
+        return
+    import torch
+
+    where = " (the device stored in the image; pass --device cpu)" if stored else ""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device}: not a device torch knows (cpu, cuda, cuda:N, mps, xpu, ...)"
+                         f"{where}") from None
+    if d.type == "cpu":
+        return
+    if d.type == "meta":
+        raise ValueError(f"--device {device}: holds no data (cpu, cuda, cuda:N, mps, xpu, ...){where}")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine{where}")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise ValueError(f"--device {device}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}{where}")
+        return
+    try:
+        torch.empty(1, device=d)
+    except Exception as e:  # noqa: BLE001 (torch's errors for unbuilt or absent backends vary by type)
+        raise ValueError(f"--device {device}: not available on this machine ({' '.join(str(e).split())[:120]})"
+                         f"{where}") from None
 
 
 def _peak_memory(device) -> tuple[int | None, str]:
@@ -139,7 +177,7 @@ class _Run:
     prompts: list[str]
     options: list
     models: dict[str, _Model]
-    paths: list[Path]
+    target: Any  # outputs.Target: where the images go
     keep: int | None = None  # with --from-image: the index, in its batch, of the image to make again
     lora_dirs: list[Path] = field(default_factory=list)
     embedding_dirs: list[Path] = field(default_factory=list)
@@ -148,33 +186,84 @@ class _Run:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     run = _plan(args)  # every setting, prompt, model and output path checked before the (slow) model load
-    pipe, load_seconds = _load_pipeline(args, run)
-    models = _describe_models(run, pipe)
-    written, seconds, image_steps = _generate_images(args, run, pipe, models)
+    try:
+        pipe, load_seconds = _load_pipeline(args, run)
+        _check_with_model(args, run, pipe)
+        models = _describe_models(run, pipe)
+        written, seconds, image_steps = _generate_images(args, run, pipe, models)
+    finally:
+        if not run.target.written:
+            run.target.discard()  # the output folder this run created, if it stayed empty
     _report(args, pipe, written, seconds, image_steps, load_seconds, models)
     return 0
 
 
 def _plan(args: argparse.Namespace) -> _Run:
-    from . import metadata, settings as config
+    from . import metadata, outputs
+    from . import settings as config
 
     settings = metadata.settings_from_flags(vars(args))
     explicit = _explicit_settings(args.argv) if args.from_image else set()
     image = _from_image(args.from_image, settings, explicit) if args.from_image else {}
     keep = _batch_index(settings, image, explicit) if args.from_image else None
-    if args.prompts_file:
-        prompts = _read_prompts(args.prompts_file)
-    elif settings["prompt"] is not None:
-        prompts = [settings["prompt"]]
-    else:
-        raise ValueError("no prompt: give PROMPT, --prompts-file FILE or --from-image IMAGE.png")
-    options = [metadata.generation_options(settings, p) for p in prompts]
+    prompts = _prompts(args, settings)
+    _random_seed(settings, given=not image or "seed" in explicit)
+    options = _options(args, settings, prompts, image, explicit)
     lora_dirs, embedding_dirs = config.folders("lora", args.lora_dirs), config.folders("embedding", args.embedding_dirs)
     _check_loras(options, lora_dirs)
+    _check_device(settings["device"], stored=bool(image) and "device" not in explicit)
     models = _resolve_models(args, settings, image, explicit)
     kept = settings["batch"] if keep is None else 1
-    return _Run(settings, prompts, options, models, _output_paths(args.out, len(prompts) * kept), keep=keep,
-                image=image, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs)
+    target = outputs.plan_images(args.out, len(prompts) * kept)  # last: nothing is created for a refused run
+    return _Run(settings, prompts, options, models, target, keep=keep, image=image, lora_dirs=lora_dirs,
+                embedding_dirs=embedding_dirs)
+
+
+def _random_seed(settings: dict[str, Any], given: bool) -> None:
+    """--seed -1: a random seed, as in AUTOMATIC1111 (stored in the PNGs like any other). given: the seed is the
+    command line's (not an image's), so the message may name --seed."""
+    from ..options import SEEDS
+
+    seed = settings["seed"]
+    if seed == -1 and given:
+        import random
+
+        batch = settings["batch"] if isinstance(settings["batch"], int) and settings["batch"] > 0 else 1
+        settings["seed"] = random.SystemRandom().randrange(max(1, SEEDS - batch + 1))
+        _note(f"--seed -1: seed {settings['seed']}")
+    elif given and isinstance(seed, int) and not 0 <= seed < SEEDS:
+        raise ValueError(f"--seed {seed}: seeds are 0..{SEEDS - 1} (AUTOMATIC1111's range), or -1 for a random one")
+
+
+def _options(args: argparse.Namespace, settings: dict[str, Any], prompts: list[str], image: dict[str, Any],
+             explicit: set[str]) -> list:
+    """Each prompt's GenerationOptions, with the input images read once and the run's size bounded; a value
+    that came from --from-image's image is named as that image's."""
+    from ..options import OptionError, check_pixels
+    from . import metadata
+
+    try:
+        images = metadata.input_images(settings, args.max_image_pixels)
+        options = [metadata.generation_options(settings, p, images) for p in prompts]
+        check_pixels(options[0], args.max_pixels, override="--max-pixels")
+    except OptionError as e:
+        if image and e.field in image and e.field not in explicit:
+            raise ValueError(f"{args.from_image}: its stored settings: {e} (--{e.field.replace('_', '-')} "
+                             "overrides it)") from None
+        raise
+    return options
+
+
+def _check_with_model(args: argparse.Namespace, run: _Run, pipe) -> None:
+    """What needs the model: --clip-skip against its text encoders, the size against its native one."""
+    from ..options import check_clip_skip, check_pixels
+
+    stages = [parts for parts in (pipe.base, pipe.refiner) if parts is not None]
+    layers = [e.config.layers for parts in stages for e in (parts.text_encoder, parts.text_encoder_2) if e is not None]
+    for o in run.options:
+        check_clip_skip(o.clip_skip, layers)
+    check_pixels(run.options[0], args.max_pixels, native=pipe.base.unet.config.sample_size * 8,
+                 override="--max-pixels")
 
 
 def _check_loras(options: list, lora_dirs: list[Path]) -> None:
@@ -298,19 +387,16 @@ def _configured_model() -> Path | None:
 def _load_pipeline(args: argparse.Namespace, run: _Run):
     import time
 
-    import torch
     from tqdm import tqdm
 
     import sdxl
 
     s, models = run.settings, run.models
-    device = s["device"]
-    if device and str(device).startswith("cuda") and not torch.cuda.is_available():
-        where = " (the device stored in the image; pass --device cpu)" if args.from_image else ""
-        raise ValueError(f"device {device!r}: CUDA is not available on this machine{where}")
+    device = s["device"]  # checked in _plan
     start = time.perf_counter()
     # One tick per model (unet, vae, text encoders; the refiner's too): a full-size file takes seconds per model.
-    loading = tqdm(desc=f"loading {models['model'].name}", unit="model", leave=False, file=sys.stderr)
+    loading = tqdm(desc=f"loading {models['model'].name}", unit="model", leave=False, file=sys.stderr,
+                   disable=None)  # None: no bar when stderr is not a terminal (logs, pipes)
 
     def loaded_one(name: str) -> None:
         loading.set_postfix_str(name, refresh=False)
@@ -362,45 +448,67 @@ def _describe_models(run: _Run, pipe) -> dict[str, Any]:
     return described
 
 
+NON_FINITE_HINT = ("a damaged model file, or settings too extreme for it; in float16, --dtype bf16 or fp32 "
+                   "may help")
+
+
 def _generate_images(args: argparse.Namespace, run: _Run, pipe, models: dict[str, Any]):
     """Sample every prompt's batch and write the kept images; (written, seconds, image-steps)."""
     import time
-
-    from tqdm import tqdm
 
     from . import hashes, metadata
 
     batch = run.settings["batch"]
     kept = range(batch) if run.keep is None else [run.keep]
-    paths = iter(run.paths)
     steps_done = [0]
     written = []
     start = time.perf_counter()
     for n, (prompt, opts) in enumerate(zip(run.prompts, run.options)):
-        bar = tqdm(desc="sampling" if len(run.prompts) == 1 else f"prompt {n + 1}/{len(run.prompts)}",
-                   unit="step", leave=False)
-
-        def progress(step: int, total: int, latents, bar=bar) -> None:
-            bar.total = total
-            bar.update(1)
-            steps_done[0] += batch  # image-steps
-
-        try:
-            images = pipe.generate(options=opts, callback=progress)
-        finally:
-            bar.close()
+        desc = "sampling" if len(run.prompts) == 1 else f"prompt {n + 1}/{len(run.prompts)}"
+        images = _sample(pipe, opts, desc, steps_done)
         # A1111's "Lora hashes": each LoRA by name (a file given by path: its stem), the first 12 hex of its sha256
         lora_hashes = {hashes.stem(Path(name).name): hashes.sha256(path)[:12] for name, path, _, _ in pipe.last_loras}
         for i in kept:
-            image, path = images[i], next(paths)
+            image = images[i]
             stored = metadata.image_settings(run.settings, models, prompt=prompt, seed=opts.seed + i,
                                              batch_index=i, size=image.size)
             stored["lora_hashes"] = lora_hashes
-            metadata.write_png(image, path, stored)
+            path = run.target.write(metadata.png_bytes(image, stored))
             written.append({"path": str(path), "prompt": prompt, "seed": opts.seed + i})
             if not args.json:
                 print(path, flush=True)
     return written, time.perf_counter() - start, steps_done[0]
+
+
+def _sample(pipe, opts, desc: str, steps_done: list[int]) -> list:
+    """One call's images (PIL), with a progress bar on a terminal; ValueError, and nothing to write, when the
+    latents or the decoded images are not finite (NaN or infinite: a black or broken picture otherwise)."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from ..images import unit_to_pil
+
+    bar = tqdm(desc=desc, unit="step", leave=False, disable=None)  # None: no bar when stderr is not a terminal
+
+    def progress(step: int, total: int, latents) -> None:
+        bar.total = total
+        bar.update(1)
+        steps_done[0] += opts.batch  # image-steps
+        # Looked at once, after the last step: a check every step would wait for the device every step
+        if step == total and not bool(torch.isfinite(latents).all()):
+            raise ValueError(f"the latents are NaN or infinite after the last of {total} steps, so no image of this "
+                             f"prompt was written ({NON_FINITE_HINT})")
+
+    try:
+        unit = pipe.generate(options=opts.replace(output="np"), callback=progress)
+    finally:
+        bar.close()
+    bad = [i for i, u in enumerate(unit) if not np.isfinite(u).all()]
+    if bad:
+        raise ValueError(f"the VAE decoded image(s) {bad} to NaN or infinite values, so no image of this prompt "
+                         f"was written ({NON_FINITE_HINT})")
+    return unit_to_pil(unit)
 
 
 def _report(args: argparse.Namespace, pipe, written: list, seconds: float, image_steps: int, load_seconds: float,
@@ -425,21 +533,32 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ..checkpoints.paths import resolve_path
     from ..checkpoints.save import save_diffusers, save_single_file
     from ..dtypes import torch_dtype
+    from . import outputs
 
-    src, dst = resolve_path(args.src), Path(args.dst)  # the loaders take real paths; "builtin" is a name
-    if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
-        raise ValueError(f"{dst} already exists; choose a new path (nothing is overwritten)")
-    dtype = torch_dtype(args.dtype)
-    parts = load(src, dtype=dtype)  # converted on load, so nothing is held twice in another dtype
-    if args.vae:
-        parts.vae = load_vae_file(resolve_path(args.vae), dtype=dtype)
-    if dst.suffix == ".safetensors":
-        save_single_file(parts, dst, dtype=dtype)
-        layout = "official single file"
-    else:
-        save_diffusers(parts, dst, dtype=dtype)
-        layout = "diffusers folder"
-    print(f"wrote {dst} ({layout}, SDXL {parts.kind}, {args.dtype})")
+    src = resolve_path(args.src)  # the loaders take real paths; "builtin" is a name
+    vae = resolve_path(args.vae) if args.vae else None
+    layout, target = outputs.plan_checkpoint(args.dst)  # refused, or created and probed, before the slow load
+    dst = target.folder / target.name
+    try:
+        dtype = torch_dtype(args.dtype)
+        parts = load(src, dtype=dtype)  # converted on load, so nothing is held twice in another dtype
+        if vae is not None:
+            parts.vae = load_vae_file(vae, dtype=dtype)
+        if layout == "single-file":
+            outputs.create_new(dst, lambda tmp: save_single_file(parts, tmp, dtype=dtype))
+        else:
+            try:
+                save_diffusers(parts, dst, dtype=dtype)  # into a temporary folder, renamed when complete
+            except OSError as e:  # named as the folder asked for, not a file in the temporary one
+                if e.errno is None or e.filename is None:
+                    raise
+                raise OSError(e.errno, e.strerror, str(dst)) from None
+        target.written.append(dst)
+    finally:
+        if not target.written:
+            target.discard()
+    name = "official single file" if layout == "single-file" else "diffusers folder"
+    print(f"wrote {args.dst} ({name}, SDXL {parts.kind}, {args.dtype})")
     return 0
 
 
@@ -501,6 +620,12 @@ models and input images are stored by name, not path, unless --store-paths. --fr
 makes that image again (with its own seed), also from PNGs of AUTOMATIC1111, Forge and Fooocus, and
 flags given with it override the stored values. --prompts-file makes --batch images for every prompt
 in a file (the same seeds for each prompt).
+
+Outputs are never overwritten: --out x.png must be new, and a folder gets the next free numbers, also
+when several runs write into it at once; a file appears under its name only when complete. Everything
+that can be checked (values, files, devices, the output folder) is checked before the model loads.
+Input images are read upright (EXIF), with transparency over white, 16-bit images at their real range.
+Exit status: 0 done; 2 an error, said in one line; 130 interrupted (Ctrl-C).
 """
 
 
@@ -561,7 +686,8 @@ def _add_sampling_arguments(gen: argparse.ArgumentParser) -> None:
                    help="0..1, rescale the guided prediction's std (Lin et al. 2023)")
     s.add_argument("--sampler", default="euler", help="see `sdxl samplers` (A1111's names work too, e.g. 'DPM++ 2M')")
     s.add_argument("--schedule", default="default", help="default, trailing, karras, exponential or sgm_uniform")
-    s.add_argument("--seed", type=int, default=0, help="image i of a batch uses seed + i")
+    s.add_argument("--seed", type=int, default=0, help="0..4294967295 (AUTOMATIC1111's range), or -1 for a random "
+                   "one (as in AUTOMATIC1111; the PNG stores the seed used); image i of a batch uses seed + i")
     s.add_argument("--batch", type=int, default=1, help="images to make (for each prompt)")
     s.add_argument("--emphasis", choices=("original", "no_norm", "comfy", "none"), default="original",
                    help="how (word:1.2) weights apply: original (AUTOMATIC1111's: scale, keep the mean), no_norm, "
@@ -600,11 +726,28 @@ def _add_conditioning_arguments(gen: argparse.ArgumentParser) -> None:
 
 def _add_output_arguments(gen: argparse.ArgumentParser) -> None:
     o = gen.add_argument_group("output")
-    o.add_argument("--out", default="outputs", help="a .png file (one image) or a folder for numbered files")
+    o.add_argument("--out", default="outputs", help="a new .png file (one image) or a folder for numbered files "
+                   "(00000.png, 00001.png, ...: the next free numbers; nothing is ever overwritten)")
+    o.add_argument("--max-pixels", dest="max_pixels", type=_positive_int, default=MAX_PIXELS, metavar="N",
+                   help="the most pixels one call may make, width x height x batch (an outpainting canvas counts "
+                   "too): a bound checked before anything is allocated; raise it where memory allows")
+    o.add_argument("--max-image-pixels", dest="max_image_pixels", type=_positive_int, default=MAX_IMAGE_PIXELS,
+                   metavar="N", help="the largest input image read (--init-image, --mask), in pixels: PIL's "
+                   "decompression-bomb limit")
     o.add_argument("--json", action="store_true", help="print a JSON summary of what was written to stdout")
     o.add_argument("--store-paths", dest="store_paths", action=argparse.BooleanOptionalAction, default=False,
                    help="store the absolute paths of the model and input files in the PNG's settings, not just "
                    "their names (paths tell whoever gets the image where your files are)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
 
 
 def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
@@ -668,7 +811,7 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
 
     train = sub.add_parser(
         "train", add_help=False, help="train or fine-tune SDXL from a TOML config (see configs/)",
-        description="sdxl train CONFIG [--resume PATH|latest] [--steps N] [--output-dir DIR]",
+        description="sdxl train CONFIG [--resume PATH|latest] [--overwrite] [--steps N] [--output-dir DIR]",
     )
     train.add_argument("args", nargs=argparse.REMAINDER)
     train.set_defaults(run=cmd_train)
@@ -676,8 +819,18 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
+COMMANDS = ("info", "generate", "samplers", "train", "convert")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from . import errors
+
     argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv[:1] and argv[0] in COMMANDS else None
+    return errors.run(f"sdxl {command}" if command else "sdxl", lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["train"]:  # the trainer parses its own arguments (--help included)
         return cmd_train(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
@@ -685,16 +838,7 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.formatwarning = lambda message, category, *rest, **kw: f"sdxl: warning: {message}\n"
-    from ..checkpoints.keymap import CheckpointError
-
-    try:
-        return args.run(args)
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"sdxl {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"sdxl {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return args.run(args)
 
 
 if __name__ == "__main__":

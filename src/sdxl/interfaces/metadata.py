@@ -22,7 +22,9 @@ Each PNG that `sdxl generate` writes carries two text chunks:
   would tell everyone an image is shared with where its maker keeps their files.
 
 `read_image` reads those chunks back, and also the "parameters" chunk of PNGs written by AUTOMATIC1111, Forge
-and Fooocus (its A1111-style text, or its JSON "fooocus" scheme). Reading never evaluates or unpickles anything.
+and Fooocus (its A1111-style text, or its JSON "fooocus" scheme). Reading never evaluates or unpickles anything,
+and checks the type of every stored value (STORED_TYPES): a value of another type (a seed "42", an fp8 "no") is an
+error naming the image and the setting, never coerced.
 
 Nothing here imports torch (only `generation_options` does, when called).
 """
@@ -158,29 +160,32 @@ def apply_stored(settings: dict[str, Any], stored: Mapping[str, Any], keep: set[
 # -- settings -> GenerationOptions
 
 
-def open_image(flag: str, path: str | None, mode: str):
-    """A PIL image in `mode` from a path (None for None); one-line errors naming the flag."""
-    from PIL import Image, UnidentifiedImageError
-
+def open_image(flag: str, path: str | None, mode: str, max_pixels: int | None = None):
+    """An input image file as the pipeline reads it (`sdxl.images.load_image`: upright, transparency over white,
+    16-bit and float images at their real range), in `mode` ("RGB", or "L" for a mask); None for None.
+    One-line errors naming the flag and the file."""
     if path is None:
         return None
-    if not Path(path).expanduser().is_file():
-        raise FileNotFoundError(f"{flag} {path}: no such file")
-    try:
-        return Image.open(Path(path).expanduser()).convert(mode)
-    except UnidentifiedImageError:
-        raise ValueError(f"{flag} {path}: not an image file") from None
+    from ..images import load_image  # imports torch
+
+    return load_image(path, mask=mode == "L", what=flag, max_pixels=max_pixels)
 
 
-def generation_options(settings: Mapping[str, Any], prompt: str | None = None):
-    """The GenerationOptions of one prompt of a run (validated: ValueError naming what is allowed)."""
+def input_images(settings: Mapping[str, Any], max_pixels: int | None = None) -> dict[str, Any]:
+    """The run's input images, read once: {"init_image": ..., "mask": ...} (None where not given)."""
+    return {"init_image": open_image("--init-image", settings.get("init_image"), "RGB", max_pixels),
+            "mask": open_image("--mask", settings.get("mask"), "L", max_pixels)}
+
+
+def generation_options(settings: Mapping[str, Any], prompt: str | None = None, images: Mapping[str, Any] | None = None):
+    """The GenerationOptions of one prompt of a run (validated: `sdxl.options.OptionError`, a ValueError naming
+    the field and what is allowed). images: `input_images(settings)`, if already read."""
     from ..options import GenerationOptions  # imports torch
 
     fields = {key: settings[key] for key in OPTION_KEYS if key in settings}
     if prompt is not None:
         fields["prompt"] = prompt
-    fields["init_image"] = open_image("--init-image", settings.get("init_image"), "RGB")
-    fields["mask"] = open_image("--mask", settings.get("mask"), "L")
+    fields.update(images if images is not None else input_images(settings))
     if fields.get("crop_top_left") is None:
         fields["crop_top_left"] = (0, 0)
     return GenerationOptions(**fields)
@@ -257,16 +262,26 @@ def infotext(settings: Mapping[str, Any]) -> str:
     return a1111.format_infotext((s.get("prompt") or "") + tags, s.get("negative_prompt") or "", fields)
 
 
-def write_png(image, path: str | Path, settings: dict[str, Any]) -> Path:
-    """Save a PIL image as PNG at `path` with `settings` in the "parameters" and "sdxl" chunks."""
+def png_bytes(image, settings: dict[str, Any]) -> bytes:
+    """A PIL image encoded as PNG with `settings` in the "parameters" and "sdxl" chunks."""
+    import io
+
     from PIL import PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
     info.add_text(TEXT_KEY, infotext(settings))
     info.add_text(JSON_KEY, json.dumps({"format": FORMAT_VERSION, **settings}, sort_keys=True))
-    path = Path(path)
-    image.save(path, format="PNG", pnginfo=info)
-    return path
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def write_png(image, path: str | Path, settings: dict[str, Any]) -> Path:
+    """Save a PIL image as the new PNG file `path` with `settings` in its chunks: encoded first, then created
+    exclusively and complete (`outputs.create_new`; FileExistsError if `path` exists)."""
+    from .outputs import create_new_bytes
+
+    return create_new_bytes(path, png_bytes(image, settings))
 
 
 # -- other tools' settings -> ours
@@ -380,6 +395,70 @@ def settings_from_fooocus(data: Mapping[str, Any], skip: frozenset[str] = frozen
     return {k: v for k, v in s.items() if k not in skip and v is not None}, ignored
 
 
+# -- the types of stored settings: a value of another type is refused, naming the setting, not coerced (a stored
+# fp8 "no" must not switch fp8 on; a seed "42" is not a seed)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _ints(n: int) -> Any:
+    return lambda v: isinstance(v, list) and len(v) == n and all(_is_int(x) for x in v)
+
+
+def _optional(check: Any) -> Any:
+    return lambda v: v is None or check(v)
+
+
+def _is_lora(v: Any) -> bool:
+    return (isinstance(v, list) and len(v) == 3 and isinstance(v[0], str) and all(_is_number(x) for x in v[1:]))
+
+
+_TYPES: dict[str, tuple[Any, str]] = {
+    "text": (lambda v: isinstance(v, str), "a string"),
+    "text?": (_optional(lambda v: isinstance(v, str)), "a string or null"),
+    "int": (_is_int, "an integer"),
+    "int?": (_optional(_is_int), "an integer or null"),
+    "number": (_is_number, "a number"),
+    "number?": (_optional(_is_number), "a number or null"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "pair?": (_optional(_ints(2)), "a pair of integers or null"),
+    "pair": (_ints(2), "a pair of integers"),
+    "ltrb?": (_optional(_ints(4)), "[left, top, right, bottom] or null"),
+    "fill": (lambda v: v in ("edge", "reflect") or _ints(3)(v), '"edge", "reflect" or [R, G, B]'),
+    "loras": (lambda v: isinstance(v, list) and all(_is_lora(x) for x in v), "a list of [name, weight, weight]"),
+    "hashes": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in (*v, *v.values())),
+               "an object of names and hashes"),
+}
+STORED_TYPES = {
+    **dict.fromkeys(("prompt", "negative_prompt", "sampler", "schedule", "emphasis"), "text"),
+    **dict.fromkeys(("prompt_2", "negative_prompt_2", "init_image", "mask", *MODEL_KEYS[:-1], "sdxl_version",
+                     *HASH_KEYS.values()), "text?"),
+    **dict.fromkeys(("steps", "seed", "batch", "batch_index"), "int"),
+    **dict.fromkeys(("width", "height", "clip_skip"), "int?"),
+    **dict.fromkeys(("guidance_rescale", "strength", "mask_blur", "aesthetic_score", "negative_aesthetic_score"),
+                    "number"),
+    **dict.fromkeys(("cfg", "refiner_switch"), "number?"),
+    **dict.fromkeys(("fp8", "vae_tiling", "store_paths"), "bool"),
+    **dict.fromkeys((*SIZE_KEYS, "negative_crop_top_left"), "pair?"),
+    "crop_top_left": "pair", "size": "pair", "outpaint": "ltrb?", "outpaint_fill": "fill", "loras": "loras",
+    "lora_hashes": "hashes",
+}
+
+
+def check_stored(settings: Mapping[str, Any], skip: frozenset[str] = frozenset()) -> None:
+    """ValueError naming the first stored setting (not in `skip`) whose value is not of its type."""
+    for key, value in settings.items():
+        kind = STORED_TYPES.get(key)
+        if kind is not None and key not in skip and not _TYPES[kind][0](value):
+            raise ValueError(f"its stored setting {key!r} must be {_TYPES[kind][1]}, got {value!r}")
+
+
 # -- PNGs -> settings
 
 
@@ -417,6 +496,7 @@ def _from_json_chunk(text: str, skip: frozenset[str]) -> dict[str, Any]:
     version = settings.pop("format", None)
     if version != FORMAT_VERSION:
         raise ValueError(f"settings format {version!r} is not one this sdxl reads ({FORMAT_VERSION})")
+    check_stored(settings, skip)
     for key, to_id in (("sampler", a1111.sampler_id), ("schedule", a1111.schedule_id)):
         if isinstance(settings.get(key), str) and key not in skip:
             settings[key] = to_id(settings[key])  # ids (older files) or A1111's words

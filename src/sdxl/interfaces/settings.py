@@ -53,8 +53,12 @@ def _toml():
     return tomllib
 
 
+KEYS = ("model", "allow_download", "lora_dirs", "embedding_dirs")  # what the config file may set
+
+
 def read_config(path: Path | None = None) -> dict[str, Any]:
-    """The config file's table; {} when there is none. ValueError (naming the file) when it cannot be read."""
+    """The config file's table; {} when there is none. ValueError (naming the file and the key) when it cannot
+    be read or a value has the wrong type; a warning for keys sdxl does not read (a misspelt `model`?)."""
     path = config_path() if path is None else Path(path)
     if not path.is_file():
         if os.environ.get(CONFIG_ENV):  # asked for explicitly: a missing file is a mistake
@@ -66,10 +70,24 @@ def read_config(path: Path | None = None) -> dict[str, Any]:
             config = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: not a valid TOML config file ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 text ({e.reason} at byte {e.start}); TOML files are UTF-8") from None
+    _check_config(path, config)
+    return config
+
+
+def _check_config(path: Path, config: dict[str, Any]) -> None:
     model = config.get("model")
     if model is not None and (not isinstance(model, str) or not model.strip()):
         raise ValueError(f"{path}: 'model' must be a non-empty string (a checkpoint path or Hub repo id), got {model!r}")
-    return config
+    if "allow_download" in config and not isinstance(config["allow_download"], bool):
+        raise ValueError(f"{path}: 'allow_download' must be true or false, got {config['allow_download']!r}")
+    unknown = [key for key in config if key not in KEYS]
+    if unknown:
+        import warnings
+
+        warnings.warn(f"{path}: sdxl does not read {', '.join(map(repr, unknown))}; its keys are {', '.join(KEYS)}",
+                      stacklevel=3)
 
 
 def how_to_choose_a_model() -> str:

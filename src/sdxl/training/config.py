@@ -41,6 +41,13 @@ class TrainConfig:
     random_crop: bool = False  # random instead of centre crops; the crop goes into micro-conditioning
     caption_dropout: float = 0.0  # fraction of empty captions: teaches the unconditional branch for CFG
     num_workers: int = 0  # DataLoader worker processes (0: load in the training process)
+    # Every image is decoded when the folder is scanned, before the models load. An unreadable one (truncated,
+    # corrupt, not an image) stops the run there, naming the files; true: leave them out with a warning (their
+    # count and names go into output_dir/log.txt). Dropping training data should be a decision, not a surprise.
+    skip_unreadable_images: bool = False
+    # Images with neither a sidecar .txt nor a metadata.jsonl caption are an error; true: train them with the
+    # empty caption (with a warning).
+    allow_missing_captions: bool = False
 
     # -- optimisation
     batch_size: int = 1  # images per process per micro-step
@@ -92,6 +99,10 @@ class TrainConfig:
     save_every: int = 0  # save a checkpoint every N steps (0: only at the end)
     save_dtype: str = "fp16"  # dtype of the model / LoRA files (the training state is always exact)
     resume: str | None = None  # a checkpoint folder to continue from, or "latest" (output_dir's newest)
+    # A fresh run (no resume) refuses an output_dir that is not empty, so that it never overwrites an earlier run's
+    # checkpoints and log; true (or --overwrite): delete that run's files first (other files stay). The run's
+    # config.toml records false, so that re-running the record never deletes a run.
+    overwrite: bool = False
     log_every: int = 10  # steps between loss.csv rows / progress-bar updates
 
     def __post_init__(self) -> None:
@@ -204,6 +215,8 @@ def _validate(c: TrainConfig) -> None:
         raise ValueError(f"lora_targets: {unknown or 'empty'}; choose from {', '.join(LORA_TARGETS)}")
     if c.lora and c.train_text_encoders:
         raise ValueError("train_text_encoders is for full fine-tunes; LoRA trains U-Net adapters only")
+    if c.overwrite and c.resume:
+        raise ValueError("resume continues the run in output_dir and overwrite deletes it: give one of them")
     if c.cache_text and c.train_text_encoders:
         raise ValueError("cache_text needs frozen text encoders (train_text_encoders = false)")
 
@@ -231,7 +244,14 @@ def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
     """Read a training config, TOML (or YAML: .yaml / .yml, needs PyYAML); `overrides` replace fields (e.g. from
     the command line)."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    if not path.is_file():
+        raise ValueError(f"{path}: no such config file" if not path.exists() else f"{path}: not a file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # (a byte-order mark, as some editors write, is allowed)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 4]!r}); "
+                         "save the config as UTF-8") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml

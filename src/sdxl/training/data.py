@@ -13,6 +13,10 @@ Folder layout (either caption source, or both; metadata wins where both give a c
 
 Images without any caption raise ValueError (naming them) unless `allow_missing_captions=True`, which trains
 them with the empty caption and logs a warning: silently training uncaptioned images is a common mistake.
+Every image is decoded once when the folder is scanned, so that a truncated or corrupt file is found before
+training starts: a DataError naming the files, unless `skip_unreadable=True`, which leaves them out with a
+warning and lists them in `skipped`. A file that becomes unreadable later raises DataError when it is read.
+Captions and metadata.jsonl are UTF-8 (a byte-order mark is allowed); anything else is a DataError naming the file.
 
 Conditioning values follow the SDXL paper (Podell et al. 2023, sec. 2.2): c_size = original (h, w) before any
 resizing; c_crop = (c_top, c_left), the pixels cropped off the top-left of the resized image; and the target
@@ -25,16 +29,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 
+from ..images import load_image
 from ..options import SDXL_BUCKETS  # the one table of SDXL's paper buckets; also importable from here
 
 log = logging.getLogger(__name__)
@@ -109,23 +116,45 @@ class Example:
     view: str = ""  # the file, crop window and flip these pixels come from: the latent cache's key
 
 
-def _oriented_size(im: Image.Image) -> tuple[int, int]:
-    """(width, height) after the EXIF orientation is applied, from the header only."""
-    w, h = im.size
+class DataError(ValueError):
+    """A training file (image, caption, metadata) that cannot be read; the message names it.
+
+    Raised in a DataLoader worker, it reaches the main process re-created from a message that holds the worker's
+    traceback: the original message (its last line) is kept, so that it still reads as one line."""
+
+    def __init__(self, message: str):
+        if message.startswith("Caught DataError"):
+            message = message.strip().splitlines()[-1].split("DataError: ", 1)[-1]
+        super().__init__(message)
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """The decoded 8-bit RGB image of a file, read as the pipeline reads init images (sdxl.images.load_image:
+    EXIF orientation applied, transparency over white, 16-bit greys scaled). DataError naming the file when it
+    cannot be read (missing, truncated, corrupt, not an image, too many pixels)."""
     try:
-        orientation = im.getexif().get(0x0112, 1)
-    except Exception:  # a broken EXIF block should not make the image unusable
-        orientation = 1
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+        return load_image(path, what="")
+    except (ValueError, OSError) as e:
+        message = str(e)
+        raise DataError(message if str(path) in message else f"{path}: cannot read image ({message})") from None
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """RGB, with transparent areas composited onto white (convert('RGB') would leave arbitrary colours there)."""
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
+def read_text(path: str | Path) -> str:
+    """A caption or metadata file as text: UTF-8 (a leading byte-order mark dropped); DataError naming the file."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 4]!r}); "
+                        "save it as UTF-8") from None
+
+
+def _probe(path: Path) -> tuple[int, int] | DataError:
+    """(width, height) of the decoded image, or the DataError that reading it raises."""
+    try:
+        return read_image(path).size
+    except DataError as e:
+        return e
 
 
 def _pair(value, what: str, name: str) -> tuple[int, int]:
@@ -152,6 +181,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         seed: int = 0,
         flip: bool = False,
         allow_missing_captions: bool = False,
+        skip_unreadable: bool = False,
     ) -> None:
         self.folder = Path(folder)
         if not self.folder.is_dir():
@@ -171,14 +201,18 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.original_sizes: list[tuple[int, int] | None] = []  # metadata overrides, (h, w)
         self.source_crops: list[tuple[int, int]] = []  # metadata crop of the file from its original
         self.bucket_of: list[tuple[int, int]] = []  # (width, height) per index
+        self.skipped: list[tuple[str, str]] = []  # (file relative to the folder, why) of unreadable images left out
         meta = self._read_metadata()
+        files = self._image_files()
         missing: list[str] = []
-        for p in self._image_files():
+        for p, size in zip(files, self._verified_sizes(files, skip_unreadable)):
             rel = p.relative_to(self.folder).as_posix()
-            if not self._add(p, rel, meta.get(rel, {})):
+            if size is not None and not self._add(p, rel, meta.get(rel, {}), size):
                 missing.append(rel)
         if missing:
             self._report_missing_captions(missing, allow_missing_captions)
+        if not self.paths:
+            raise DataError(f"{self.folder}: no readable image left ({len(self.skipped)} unreadable skipped)")
 
     def _image_files(self) -> list[Path]:
         """Every image under the folder, sorted (so indices are the same on every run and rank)."""
@@ -189,20 +223,34 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             raise ValueError(f"{self.folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
         return files
 
-    def _add(self, p: Path, rel: str, entry: dict) -> bool:
-        """Index one image (its metadata.jsonl `entry` or {}); False when it has no caption (it gets "")."""
+    def _verified_sizes(self, files: list[Path], skip: bool) -> list[tuple[int, int] | None]:
+        """Each file decoded once (in threads: PIL decodes without the GIL): its (width, height), or None for an
+        unreadable one that `skip` leaves out (listed in self.skipped, with a warning); without `skip`, DataError."""
+        workers = min(8, os.cpu_count() or 1, len(files))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            probed = list(pool.map(_probe, files))
+        bad = [(p.relative_to(self.folder).as_posix(), str(r).removeprefix(f"{p}: "))
+               for p, r in zip(files, probed) if isinstance(r, DataError)]
+        if bad:
+            shown = "; ".join(f"{rel} ({why})" for rel, why in bad[:5])
+            shown += f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+            if not skip:
+                raise DataError(f"{self.folder}: {len(bad)} unreadable image(s): {shown}. Fix or remove them, or set "
+                                "skip_unreadable_images = true to train without them")
+            log.warning("%s: skipping %d unreadable image(s): %s", self.folder, len(bad), shown)
+            self.skipped = bad
+        return [None if isinstance(r, DataError) else r for r in probed]
+
+    def _add(self, p: Path, rel: str, entry: dict, size: tuple[int, int]) -> bool:
+        """Index one image of (width, height) `size` (its metadata.jsonl `entry` or {}); False when it has no
+        caption (it gets "")."""
         has_caption = True
         if "text" in entry:
             text = str(entry["text"])
         elif p.with_suffix(".txt").is_file():
-            text = p.with_suffix(".txt").read_text(encoding="utf-8").strip()
+            text = read_text(p.with_suffix(".txt")).strip()
         else:
             has_caption, text = False, ""
-        try:
-            with Image.open(p) as im:  # header only: PIL decodes pixels lazily
-                size = _oriented_size(im)
-        except Exception as e:
-            raise ValueError(f"{p}: cannot read image ({e})") from e
         self.paths.append(p)
         self.captions.append(text)
         self.sizes.append(size)
@@ -221,7 +269,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if not allow:
             raise ValueError(
                 f"{self.folder}: no caption for {shown} (add a sidecar .txt or a metadata.jsonl entry, "
-                "or pass allow_missing_captions=True to train them with an empty caption)"
+                "or set allow_missing_captions = true to train them with an empty caption)"
             )
         log.warning("%s: no caption for %s; training with an empty caption", self.folder, shown)
 
@@ -230,7 +278,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if not path.is_file():
             return {}
         meta: dict[str, dict] = {}
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -256,11 +304,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         path = self.paths[i]
         # A string seed is hashed with SHA-512 by `random`, so it is the same in every process (unlike hash()).
         rng = random.Random(f"{self.seed}:{self.epoch}:{i}")
-        try:
-            with Image.open(path) as im:
-                im = _to_rgb(ImageOps.exif_transpose(im))
-        except Exception as e:
-            raise ValueError(f"{path}: cannot read image ({e})") from e
+        im = read_image(path)  # DataError naming the file if it became unreadable since the scan
         w, h = im.size
         bw, bh = self.bucket_of[i]
 
@@ -345,6 +389,31 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for another epoch (the same on every rank)."""
         self.epoch = epoch
+
+    def _bucket_counts(self, limit: int = 8) -> str:
+        """'WxH: n' per bucket, the fullest first (at most `limit` of them)."""
+        counts = sorted(((len(i), b) for b, i in self.groups.items()), key=lambda c: (-c[0], c[1]))
+        text = ", ".join(f"{w}x{h}: {n}" for n, (w, h) in counts[:limit])
+        return text + (f" and {len(counts) - limit} more" if len(counts) > limit else "")
+
+    def shortfall(self) -> str:
+        """Why drop_last batching gives no batch, naming batch_size and, when they are what is too small, the
+        buckets with their image counts."""
+        n, b, w = len(self.bucket_of), self.batch_size, self.world_size
+        processes = f" x {w} processes" if w > 1 else ""
+        if n < b * w:
+            return f"{n} image(s), fewer than batch_size = {b}{processes}"
+        full = sum(len(i) // b for i in self.groups.values())
+        if full == 0:
+            return (f"{n} images, but a batch comes from one aspect-ratio bucket and no bucket holds batch_size = {b} "
+                    f"of them (images per bucket {self._bucket_counts()}): lower batch_size, or add images of "
+                    "those aspect ratios")
+        return (f"the aspect-ratio buckets ({self._bucket_counts()}) make {full} full batch(es) of batch_size = {b}, "
+                f"fewer than the {w} processes: lower batch_size")
+
+    def small_buckets(self) -> dict[tuple[int, int], int]:
+        """Buckets with fewer images than batch_size, and how many: with drop_last their images are never trained."""
+        return {k: len(i) for k, i in sorted(self.groups.items()) if len(i) < self.batch_size}
 
     def _all_batches(self) -> list[list[int]]:
         rng = random.Random(f"{self.seed}:{self.epoch}")

@@ -14,7 +14,19 @@ One optimizer step:
 Outputs under output_dir: checkpoints/step_NNNNNNN/ (model.safetensors in the official single-file
 layout, or lora_kohya.safetensors + lora_peft.safetensors; *_ema versions with ema_decay;
 state.safetensors + state.json + rng_rankR.safetensors for resuming), latest.txt (the newest
-checkpoint's folder name), loss.csv, loss.png, config.toml.
+checkpoint's folder name), loss.csv (one row per step, also after a resume), loss.png, config.toml,
+log.txt (what happened: start, resume, data set scan with any unreadable images skipped, checkpoints, stops).
+
+Nothing lost, nothing silent:
+- A fresh run refuses an output_dir that is not empty (an earlier run's checkpoints would be overwritten):
+  `--resume latest` continues that run, `--overwrite` (overwrite = true) deletes it first.
+- A checkpoint is written under step_NNNNNNN.partial and renamed when every file of every process is there;
+  latest.txt is written last. An interrupted save leaves only the .partial folder, which resuming refuses.
+- Ctrl-C (SIGINT) or SIGTERM during a step abandons that step (its random streams and data position are
+  rewound), saves the finished steps and exits with one line (status 130 / 143); inside an optimizer step or a
+  save the first signal waits for its end, and a second one stops at once. An image that cannot be read mid-run
+  saves the same way first. With several processes nothing more is saved (that would need every process in
+  step): the line says where the last checkpoint is.
 
 Determinism: all randomness of a step comes from one generator per process (seed + rank), saved
 with each checkpoint with the optimizer, the EMA and the data position, so a resumed run continues
@@ -25,17 +37,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import csv
+import dataclasses
 import hashlib
 import json
+import logging
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -43,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import dtypes
+from ..checkpoints.files import save_tensors
 from ..checkpoints.save import save_single_file
 from ..conditioning import PENULTIMATE, encode_prompts, micro_value_count
 from ..models import specs
@@ -51,7 +68,15 @@ from ..models.unet import TimestepSequential, UNet, micro_conditioning
 from ..sampling.schedules import TrainingSchedule
 from . import lora as lora_lib
 from .config import TrainConfig, load_config
+from .data import DataError
 
+log = logging.getLogger(__name__)
+
+# What a run writes into output_dir: --overwrite deletes them. A fresh run refuses a folder holding any of them but
+# the records, which are all that a start that failed before its first step leaves (it is then simply tried again).
+RUN_FILES = ("checkpoints", "cache", "latest.txt", "loss.csv", "loss.png", "config.toml", "log.txt")
+RECORDS = ("config.toml", "log.txt")
+PARTIAL = ".partial"  # suffix of a checkpoint folder being written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,9 +220,30 @@ def default_loader(cfg: TrainConfig, rank: int, world: int):
     from .data import BucketBatchSampler, ImageCaptionDataset, collate
 
     ds = ImageCaptionDataset(cfg.data, resolution=cfg.resolution, bucket_multiple=cfg.bucket_multiple,
-                             random_crop=cfg.random_crop, caption_dropout=cfg.caption_dropout, seed=cfg.seed)
+                             random_crop=cfg.random_crop, caption_dropout=cfg.caption_dropout, seed=cfg.seed,
+                             allow_missing_captions=cfg.allow_missing_captions,
+                             skip_unreadable=cfg.skip_unreadable_images)
     sampler = BucketBatchSampler(ds, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, drop_last=True)
+    if len(sampler) == 0:
+        raise ValueError(f"{cfg.data}: the data gives no batch: {sampler.shortfall()}")
     return ds, sampler, collate
+
+
+def _describe_data(ds, sampler) -> list[str]:
+    """log.txt lines on the data set: images, unreadable ones skipped, images no batch ever holds."""
+    batches = f", {len(sampler)} batch(es) per epoch per process" if hasattr(sampler, "__len__") else ""
+    lines = [f"data: {len(ds)} images{batches}"]
+    skipped = getattr(ds, "skipped", [])
+    if skipped:
+        lines.append(f"data: {len(skipped)} unreadable image(s) skipped (skip_unreadable_images = true):")
+        lines += [f"  {rel} ({why})" for rel, why in skipped]
+    small = sampler.small_buckets() if hasattr(sampler, "small_buckets") else {}
+    if small:
+        counts = ", ".join(f"{w}x{h}: {n}" for (w, h), n in small.items())
+        lines.append(f"data: {sum(small.values())} image(s) in buckets with fewer than batch_size images are never "
+                     f"trained ({counts})")
+        log.warning("%s", lines[-1])
+    return lines
 
 
 class Batches:
@@ -214,7 +260,8 @@ class Batches:
                 obj.set_epoch(self.epoch)
         batches = list(self.sampler)
         if not batches:
-            raise ValueError("the data gives no batch: fewer images than batch_size x processes (drop_last)")
+            raise ValueError("the data gives no batch: fewer images than batch_size x processes, or no aspect-ratio "
+                             "bucket with batch_size images")
         loader = torch.utils.data.DataLoader(self.ds, batch_sampler=batches[self.index:], collate_fn=self.collate,
                                              num_workers=self.num_workers)
         return iter(loader)
@@ -230,6 +277,10 @@ class Batches:
             except StopIteration:
                 self._it, self.epoch, self.index = None, self.epoch + 1, 0
 
+    def seek(self, epoch: int, index: int) -> None:
+        """Continue from batch `index` of `epoch` (a resume, or a step abandoned half-way)."""
+        self._it, self.epoch, self.index = None, epoch, index
+
 
 class _PairCache:
     """key -> a pair of CPU tensors named NAMES, kept in memory and saved as one safetensors file."""
@@ -241,9 +292,12 @@ class _PairCache:
         if path.is_file():
             from safetensors.torch import load_file
 
-            t = load_file(str(path))
-            a, b = (f".{n}" for n in self.NAMES)
-            self.items = {k[:-len(a)]: (t[k], t[k[:-len(a)] + b]) for k in t if k.endswith(a)}
+            try:
+                t = load_file(str(path))
+                a, b = (f".{n}" for n in self.NAMES)
+                self.items = {k[:-len(a)]: (t[k], t[k[:-len(a)] + b]) for k in t if k.endswith(a)}
+            except Exception as e:  # only a cache: it fills again as the steps need it
+                log.warning("%s: unreadable cache (%s); it is rebuilt", path, _first_line(e))
 
     @staticmethod
     def key(text: str) -> str:
@@ -254,11 +308,9 @@ class _PairCache:
         return (torch.stack([r[0] for r in rows]).to(device, dtype), torch.stack([r[1] for r in rows]).to(device, dtype))
 
     def save(self) -> None:
-        from safetensors.torch import save_file
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{k}.{n}": v.contiguous() for k, pair in self.items.items() for n, v in zip(self.NAMES, pair)}
-        save_file(tensors, str(self.path))
+        tensors = {f"{k}.{n}": v for k, pair in self.items.items() for n, v in zip(self.NAMES, pair)}
+        save_tensors(tensors, self.path)  # (under a temporary name, then renamed)
 
 
 class TextCache(_PairCache):
@@ -337,11 +389,70 @@ def diffusion_loss(model: nn.Module, vae, batch: dict, cfg: TrainConfig, alphas:
 # Checkpoints and the training state (safetensors + JSON, never pickle).
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0][:300] if text else "") or type(e).__name__
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write a small file under a temporary name, then rename it: a reader sees the old text or the new."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _latest(out: Path) -> Path:
+    """The checkpoint folder latest.txt names (it is written once a checkpoint is complete)."""
     marker = out / "latest.txt"
     if not marker.is_file():
-        raise FileNotFoundError(f"resume = 'latest' but {out} has no checkpoint yet ({marker} is missing)")
-    return out / "checkpoints" / marker.read_text().strip()
+        raise ValueError(f"resume = 'latest' but {out} has no checkpoint yet ({marker} is missing)")
+    name = marker.read_text(errors="replace").strip()
+    folder = out / "checkpoints" / name
+    if not name or Path(name).name != name or not folder.is_dir():
+        raise ValueError(f"{marker} names {name!r}, which is not a checkpoint folder in {out / 'checkpoints'}")
+    return folder
+
+
+def _resume_folder(cfg: TrainConfig) -> Path:
+    """The checkpoint folder to resume from: refused when half-written (or not a checkpoint), with the hint."""
+    folder = _latest(Path(cfg.output_dir)) if cfg.resume == "latest" else Path(cfg.resume)
+    if folder.name.endswith(PARTIAL):
+        try:
+            hint = f" (now {_latest(folder.parent.parent).name})"
+        except ValueError:
+            hint = ""
+        raise ValueError(f"{folder}: a half-written checkpoint (its save was interrupted); resume from the last "
+                         f"complete one with --resume latest{hint}")
+    if not (folder / "state.json").is_file():
+        what = "no such folder" if not folder.exists() else "not a checkpoint folder (no state.json)"
+        raise ValueError(f"resume: {folder}: {what}; give a checkpoints/step_NNNNNNN folder or 'latest'")
+    return folder
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """Any failure to read or apply `path` (missing, truncated, corrupt, other shapes) as one ValueError naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing; the checkpoint is incomplete: resume from another one") from None
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError, TypeError, SafetensorError) as e:
+        what = f"no entry {e}" if isinstance(e, KeyError) else _first_line(e)
+        raise ValueError(f"{path}: damaged ({what}); resume from another checkpoint") from None
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename folder `src` to `dst`; an existing `dst` (a run resumed from before it) is moved aside first."""
+    old = dst.with_name(dst.name + ".old")
+    if dst.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        dst.rename(old)
+    src.rename(dst)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 @contextlib.contextmanager
@@ -366,10 +477,15 @@ def save_checkpoint(folder: Path, cfg: TrainConfig, parts: Components, trainee: 
                     params: dict[str, nn.Parameter], opt: torch.optim.Optimizer, scaler, ema: dict[str, Tensor] | None,
                     gen: torch.Generator, state: dict, d: Dist) -> None:
     """Model / LoRA files (rank 0) and the exact training state: state.safetensors, or under FSDP one
-    state_rankR.safetensors per process holding its shards."""
+    state_rankR.safetensors per process holding its shards. Written into FOLDER.partial, renamed to `folder` once
+    every process is done, then latest.txt names it: an interrupted save never looks like a checkpoint."""
     from safetensors.torch import save_file
 
     sharded = _fsdp(cfg, d)
+    final, folder = folder, folder.with_name(folder.name + PARTIAL)
+    if d.main and folder.exists():  # left by an interrupted save
+        shutil.rmtree(folder)
+    _barrier(d)
     folder.mkdir(parents=True, exist_ok=True)
     # Every process keeps its own random streams.
     save_file({"generator": gen.get_state().cpu(), "torch": torch.get_rng_state()}, str(folder / f"rng_rank{d.rank}.safetensors"))
@@ -396,40 +512,40 @@ def save_checkpoint(folder: Path, cfg: TrainConfig, parts: Components, trainee: 
         save_file({k: _local(v).contiguous().cpu() for k, v in tensors.items()}, str(folder / name))
     if d.main:
         meta = {**state, "params": list(params), "param_groups": opt_state["param_groups"],
-                "scaler": scaler.state_dict() if scaler is not None else None, "config": cfg.to_toml(),
+                "scaler": scaler.state_dict() if scaler is not None else None, "config": _record(cfg),
                 "world_size": d.world, "parallel": "fsdp" if sharded else "ddp"}
         (folder / "state.json").write_text(json.dumps(meta, indent=1))
     _barrier(d)
     if d.main:
-        (folder.parent.parent / "latest.txt").write_text(folder.name + "\n")  # written last: a complete checkpoint
+        _replace_dir(folder, final)
+        _write_text(final.parent.parent / "latest.txt", final.name + "\n")  # written last: a complete checkpoint
+        for stale in final.parent.glob(f"*{PARTIAL}"):  # of saves interrupted earlier: never resumable
+            shutil.rmtree(stale)
 
 
 def _fsdp(cfg: TrainConfig, d: Dist) -> bool:
     return cfg.parallel == "fsdp" and d.world > 1
 
 
-def load_checkpoint(folder: Path, cfg: TrainConfig, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
-                    scaler, ema: dict[str, Tensor] | None, gen: torch.Generator, d: Dist) -> dict:
-    from safetensors.torch import load_file
-
-    meta = json.loads((folder / "state.json").read_text())
+def _read_meta(folder: Path, params: dict[str, nn.Parameter], cfg: TrainConfig, d: Dist) -> dict:
+    """state.json, checked against this run: the same trained parameters, processes and parallelism."""
+    with _reading(folder / "state.json"):
+        meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        missing = [k for k in ("step", "epoch", "index", "params", "param_groups") if k not in meta]
+        if missing:
+            raise ValueError(f"lacks {', '.join(missing)}")
     if meta["params"] != list(params):
         raise ValueError(f"{folder}: the checkpoint trained other parameters than this config does "
-                         "(different lora / train_text_encoders settings?)")
+                         "(different lora_rank / lora_targets / train_text_encoders?)")
     if meta.get("world_size", 1) != d.world:
         raise ValueError(f"{folder}: saved with {meta['world_size']} processes; resume with the same number")
-    sharded = _fsdp(cfg, d)
-    if meta.get("parallel", "ddp") != ("fsdp" if sharded else "ddp"):
+    if meta.get("parallel", "ddp") != ("fsdp" if _fsdp(cfg, d) else "ddp"):
         raise ValueError(f"{folder}: saved with parallel = {meta.get('parallel', 'ddp')!r}; resume with the same")
-    tensors = load_file(str(folder / (f"state_rank{d.rank}.safetensors" if sharded else "state.safetensors")))
-    with torch.no_grad():
-        for k, p in params.items():
-            _local(p).copy_(tensors[f"param.{k}"])
-    if ema is not None:
-        if not any(k.startswith("ema.") for k in tensors):
-            raise ValueError(f"{folder}: has no EMA weights, but this config sets ema_decay")
-        for k in ema:
-            _local(ema[k]).copy_(tensors[f"ema.{k}"])
+    return meta
+
+
+def _optimizer_state(tensors: dict[str, Tensor], params: dict[str, nn.Parameter]) -> dict[int, dict]:
+    """The optimizer's per-parameter state from `opt.I.NAME` tensors (FSDP shards back into DTensors)."""
     state: dict[int, dict] = {}
     by_index = list(params.values())
     for k, v in tensors.items():
@@ -441,12 +557,40 @@ def load_checkpoint(folder: Path, cfg: TrainConfig, params: dict[str, nn.Paramet
 
                 v = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
             state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    if scaler is not None and meta["scaler"]:
-        scaler.load_state_dict(meta["scaler"])
-    rng = load_file(str(folder / f"rng_rank{d.rank}.safetensors"))
-    gen.set_state(rng["generator"].to(gen.get_state().device))
-    torch.set_rng_state(rng["torch"])
+    return state
+
+
+def load_checkpoint(folder: Path, cfg: TrainConfig, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
+                    scaler, ema: dict[str, Tensor] | None, gen: torch.Generator, d: Dist) -> dict:
+    """The training state of `folder` into the parameters, optimizer, EMA and random streams; its state.json.
+    A missing, truncated or corrupt file is a ValueError naming it."""
+    from safetensors.torch import load_file
+
+    meta = _read_meta(folder, params, cfg, d)
+    path = folder / (f"state_rank{d.rank}.safetensors" if _fsdp(cfg, d) else "state.safetensors")
+    with _reading(path):
+        tensors = load_file(str(path))
+        wrong = [k for k, p in params.items() if tensors[f"param.{k}"].shape != _local(p).shape]
+    if wrong:
+        k = wrong[0]
+        raise ValueError(f"{path}: {k} has shape {tuple(tensors[f'param.{k}'].shape)}, this run's "
+                         f"{tuple(_local(params[k]).shape)}: the checkpoint is of another model (model / init)")
+    if ema is not None and not any(k.startswith("ema.") for k in tensors):
+        raise ValueError(f"{folder}: has no EMA weights, but this config sets ema_decay")
+    with _reading(path), torch.no_grad():
+        for k, p in params.items():
+            _local(p).copy_(tensors[f"param.{k}"])
+        for k in ema or {}:
+            _local(ema[k]).copy_(tensors[f"ema.{k}"])
+        opt.load_state_dict({"state": _optimizer_state(tensors, params), "param_groups": meta["param_groups"]})
+    with _reading(folder / "state.json"):
+        if scaler is not None and meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
+    path = folder / f"rng_rank{d.rank}.safetensors"
+    with _reading(path):
+        rng = load_file(str(path))
+        gen.set_state(rng["generator"].to(gen.get_state().device))
+        torch.set_rng_state(rng["torch"])
     return meta
 
 
@@ -478,7 +622,7 @@ def plot_losses(steps: list[int], losses: list[float], path: Path, size: tuple[i
         draw.text((left, bottom + 8), f"step {s0}", fill="black")
         draw.text((right - 80, bottom + 8), f"step {s1}", fill="black")
     draw.text((left + 5, top + 3), "training loss", fill="black")
-    img.save(path)
+    img.save(path, format="PNG")
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -502,6 +646,16 @@ class TrainResult:
 
 
 @dataclass
+class _Mark:
+    """Where a step starts: the random streams and the data position, rewound to when the step is abandoned."""
+
+    gen: Tensor
+    torch_rng: Tensor
+    epoch: int
+    index: int
+
+
+@dataclass
 class _Run:
     """Everything one training run carries from step to step."""
 
@@ -522,10 +676,23 @@ class _Run:
     text_cache: TextCache | None
     latent_cache: LatentCache | None
     step: int = 0
+    saved: tuple[int, Path] | None = None  # (step, folder) of the newest complete checkpoint, or the one resumed from
+    checkpoint: Path | None = None  # the last checkpoint this run wrote
+    mark: _Mark | None = None  # the start of the step in progress
 
     @property
     def sharded(self) -> bool:
         return _fsdp(self.cfg, self.d)
+
+    def set_mark(self) -> None:
+        self.mark = _Mark(self.gen.get_state(), torch.get_rng_state(), self.batches.epoch, self.batches.index)
+
+    def rewind(self) -> None:
+        """Back to the mark: an abandoned step's random draws and batches are drawn again when the run resumes."""
+        self.gen.set_state(self.mark.gen)
+        torch.set_rng_state(self.mark.torch_rng)
+        self.batches.seek(self.mark.epoch, self.mark.index)
+        self.opt.zero_grad(set_to_none=True)
 
     def autocast(self) -> torch.autocast:
         mixed = self.cfg.mixed_precision
@@ -567,34 +734,42 @@ def _trainable(cfg: TrainConfig, d: Dist) -> tuple[Components, Trainee, nn.Modul
 
 
 def _start(cfg: TrainConfig, d: Dist, loader: Loader | None) -> _Run:
-    """The models, optimizer, EMA, random streams and data of a run, resumed from a checkpoint if asked."""
+    """The data, models, optimizer, EMA and random streams of a run, resumed from a checkpoint if asked. The
+    checkpoint folder and the data are checked first: their errors come before the slow model loading."""
     out = Path(cfg.output_dir)
+    folder = _resume_folder(cfg) if cfg.resume else None
+    torch.manual_seed(cfg.seed + d.rank)  # before the loader is built: a custom one may draw from it
+    data = (loader or default_loader)(cfg, d.rank, d.world)
+    after_data = torch.get_rng_state()
     parts, trainee, model = _trainable(cfg, d)
+    torch.manual_seed(cfg.seed + d.rank)  # the random streams as they were when the models were built first
+    torch.set_rng_state(after_data)
+    _claim_output(cfg, d)
     te2 = parts.text_encoder_2.config
     params = {k: p for k, p in trainee.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    torch.manual_seed(cfg.seed + d.rank)  # before the loader is built: a custom one may draw from it
     run = _Run(
         cfg, d, out, parts, trainee, model, micro_value_count(parts.unet.config, te2.projection_dim or te2.width),
         params, opt, scaler=torch.amp.GradScaler(d.device.type) if cfg.mixed_precision == "fp16" else None,
         ema={k: p.detach().float().clone() for k, p in params.items()} if cfg.ema_decay is not None else None,
         gen=torch.Generator(d.device).manual_seed(cfg.seed + d.rank),
         alphas=TrainingSchedule.from_diffusers(parts.scheduler).alphas_cumprod().float().to(d.device),
-        batches=Batches(*(loader or default_loader)(cfg, d.rank, d.world), num_workers=cfg.num_workers),
+        batches=Batches(*data, num_workers=cfg.num_workers),
         text_cache=TextCache(out / "cache" / "text.safetensors") if cfg.cache_text else None,
         latent_cache=LatentCache(out / "cache" / f"latents_rank{d.rank}.safetensors") if cfg.cache_latents else None,
     )
-    if cfg.resume:
-        folder = _latest(out) if cfg.resume == "latest" else Path(cfg.resume)
+    _note(out, d, *_describe_data(data[0], data[1]))
+    if folder is not None:
         meta = load_checkpoint(folder, cfg, params, opt, run.scaler, run.ema, run.gen, d)
-        run.step, run.batches.epoch, run.batches.index = meta["step"], meta["epoch"], meta["index"]
-    else:  # a fresh run starts a fresh curve, and caches made by another model must not leak in
-        for cache in (run.text_cache, run.latent_cache):
-            if cache is not None:
-                cache.items = {}
-        if d.main and (out / "loss.csv").exists():
-            (out / "loss.csv").unlink()
+        run.step, run.saved = meta["step"], (meta["step"], folder)
+        run.batches.seek(meta["epoch"], meta["index"])
+        if d.main:
+            _trim_csv(out / "loss.csv", run.step)
+        _note(out, d, f"resumed from {folder} at step {run.step}, to step {cfg.steps}")
+    else:
+        _note(out, d, f"fresh run to step {cfg.steps}")
+    run.set_mark()
     return run
 
 
@@ -639,6 +814,24 @@ def _optimizer_step(run: _Run) -> None:
                 run.ema[k].lerp_(p.detach().float(), 1.0 - cfg.ema_decay)
 
 
+def _commit(run: _Run, total: Tensor, log: _Log) -> float:
+    """The optimizer step on the accumulated gradients (at this step's learning rate), the step's loss (mean over
+    the processes) logged, and the next step's mark."""
+    cfg = run.cfg
+    lr = cfg.lr * min(1.0, (run.step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    _optimizer_step(run)
+    run.step += 1
+    if run.d.world > 1:
+        dist.all_reduce(total)
+        total /= run.d.world
+    loss = total.item()
+    log.step(loss, lr)
+    run.set_mark()
+    return loss
+
+
 def _save(run: _Run) -> Path:
     """A checkpoint of the current step (and the caches, and the loss plot)."""
     checkpoint = run.out / "checkpoints" / f"step_{run.step:07d}"
@@ -650,6 +843,8 @@ def _save(run: _Run) -> Path:
         run.latent_cache.save()
     if run.d.main:
         _plot_csv(run.out)
+    run.saved, run.checkpoint = (run.step, checkpoint), checkpoint
+    _note(run.out, run.d, f"saved {checkpoint}")
     return checkpoint
 
 
@@ -668,51 +863,193 @@ class _Log:
         run, cfg = self.run, self.run.cfg
         self.rows.append((run.step, loss, lr))
         if run.step % cfg.log_every == 0 or run.step == cfg.steps:
-            now = time.perf_counter()
-            rate = len(self.rows) / max(now - self.t, 1e-9)
-            self.t = now
-            if run.d.main:
-                _append_csv(run.out / "loss.csv", self.rows)
-                if self.bar is not None:
-                    images_per_step = cfg.batch_size * cfg.grad_accum * run.d.world
-                    self.bar.set_postfix(loss=f"{sum(r[1] for r in self.rows) / len(self.rows):.4f}",
-                                         img_s=f"{rate * images_per_step:.1f}",
-                                         mem=f"{_peak_memory_gb(run.d.device):.2f}G")
-            self.rows = []
+            self.flush()
         if self.bar is not None:
             self.bar.update(1)
+
+    def flush(self) -> None:
+        """The rows so far into loss.csv, their mean loss and speed onto the progress bar."""
+        run, cfg = self.run, self.run.cfg
+        if not self.rows:
+            return
+        now = time.perf_counter()
+        rate = len(self.rows) / max(now - self.t, 1e-9)
+        self.t = now
+        if run.d.main:
+            _append_csv(run.out / "loss.csv", self.rows)
+            if self.bar is not None:
+                images_per_step = cfg.batch_size * cfg.grad_accum * run.d.world
+                self.bar.set_postfix(loss=f"{sum(r[1] for r in self.rows) / len(self.rows):.4f}",
+                                     img_s=f"{rate * images_per_step:.1f}", mem=f"{_peak_memory_gb(run.d.device):.2f}G")
+        self.rows = []
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT (Ctrl-C) or SIGTERM; the message says what was saved and where.
+    `forced`: a second signal inside an optimizer step or a save, which then stopped half-way."""
+
+    def __init__(self, signum: int = signal.SIGINT, message: str = "", forced: bool = False):
+        super().__init__(message or f"stopped by {signal.Signals(signum).name}")
+        self.signum, self.forced = signum, forced
+
+
+class _Signals:
+    """SIGINT and SIGTERM raise Interrupted (a KeyboardInterrupt), except inside `deferred()` blocks (an optimizer
+    step, a save), where the first one waits for the block's end and a second one raises at once. Installed from
+    the main thread only; a signal the parent process ignores (a background job's SIGINT) stays ignored."""
+
+    def __init__(self):
+        self.depth, self.pending, self.previous = 0, None, {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.depth and self.pending is None:
+            self.pending = signum
+            return
+        raise Interrupted(signum, forced=self.depth > 0)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if self.pending is not None and not self.depth:
+            signum, self.pending = self.pending, None
+            raise Interrupted(signum)
+
+
+def _last_checkpoint(run: _Run) -> str:
+    """Where the newest complete checkpoint is, in words (and a half-written one of this step, if any)."""
+    partial = run.out / "checkpoints" / f"step_{run.step:07d}{PARTIAL}"
+    half = f"{partial} is half-written and ignored; " if partial.exists() else ""
+    if run.saved is None:
+        return half + "no checkpoint was saved"
+    return half + f"the last checkpoint is {run.saved[1]} (step {run.saved[0]}); continue with --resume latest"
+
+
+def _rescue(run: _Run, save: bool) -> str:
+    """Save the finished steps when no checkpoint holds them yet (and `save`: not after a forced stop, and one
+    process only: several would need all of them in step); what there is now, in words."""
+    if run.step == (run.saved[0] if run.saved else 0):
+        return "no step finished since the start: nothing to save" if run.saved is None else _last_checkpoint(run)
+    if not save or run.d.world > 1:
+        why = "stopped half-way" if not save else f"not saved with {run.d.world} processes"
+        return f"steps since the last checkpoint are lost ({why}); {_last_checkpoint(run)}"
+    try:
+        return f"saved checkpoint {_save(run)}; continue with --resume latest"
+    except KeyboardInterrupt as e:  # a second signal: what is written so far stays under the .partial name
+        raise Interrupted(getattr(e, "signum", signal.SIGINT),
+                          f"interrupted again while saving step {run.step}; {_last_checkpoint(run)}") from None
+
+
+def _stop(run: _Run, log: _Log, error: BaseException) -> NoReturn:
+    """After a signal or a data error in a step: rewind to the step's start, save what the finished steps trained,
+    note it in log.txt and raise the one line that says what happened and what is saved."""
+    run.rewind()
+    log.flush()
+    forced = getattr(error, "forced", False)
+    where = _rescue(run, save=not forced)
+    if isinstance(error, DataError):
+        message = f"{error}; {where}"
+        _note(run.out, run.d, f"stopped by a data error: {message}")
+        raise DataError(message) from None
+    signum = getattr(error, "signum", signal.SIGINT)
+    message = f"{'interrupted' if signum == signal.SIGINT else 'terminated'} at step {run.step}; {where}"
+    _note(run.out, run.d, f"stopped by {signal.Signals(signum).name}: {message}")
+    raise Interrupted(signum, message, forced) from None
+
+
 def train(cfg: TrainConfig, *, loader: Loader | None = None, progress: bool = True) -> TrainResult:
+    """Train as `cfg` says. A signal or a data error mid-run saves the finished steps first and raises
+    Interrupted (a KeyboardInterrupt) or DataError (a ValueError) with one line saying where they are."""
     d = setup_distributed()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if d.main:
-        (out / "config.toml").write_text(cfg.to_toml())
+    _check_output(cfg)
     run = _start(cfg, d, loader)
     log = _Log(run, progress)
     losses: list[float] = []
-    checkpoint: Path | None = None
-    while run.step < cfg.steps:
-        lr = cfg.lr * min(1.0, (run.step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
-        for group in run.opt.param_groups:
-            group["lr"] = lr
-        total = _accumulate(run)
-        _optimizer_step(run)
-        run.step += 1
-        if d.world > 1:
-            dist.all_reduce(total)
-            total /= d.world
-        losses.append(total.item())
-        log.step(losses[-1], lr)
-        if (cfg.save_every and run.step % cfg.save_every == 0) or run.step == cfg.steps:
-            checkpoint = _save(run)
-    log.close()
-    return TrainResult(losses, checkpoint, run.parts, run.step)
+    with _Signals() as signals:
+        try:
+            while run.step < cfg.steps:
+                total = _accumulate(run)  # may be abandoned half-way: _stop rewinds to the step's mark
+                with signals.deferred():  # one signal never cuts an optimizer step or a save half-way
+                    losses.append(_commit(run, total, log))
+                    if (cfg.save_every and run.step % cfg.save_every == 0) or run.step == cfg.steps:
+                        _save(run)
+        except (KeyboardInterrupt, DataError) as e:
+            _stop(run, log, e)
+        finally:
+            log.close()
+    _note(run.out, d, f"done at step {run.step}")
+    return TrainResult(losses, run.checkpoint, run.parts, run.step)
+
+
+# ---------------------------------------------------------------------------------------------
+# The output folder and its files.
+
+
+def _record(cfg: TrainConfig) -> str:
+    """The config as the run records it (config.toml, state.json): with overwrite = false, so that running the
+    record again never deletes the run."""
+    return dataclasses.replace(cfg, overwrite=False).to_toml()
+
+
+def _note(out: Path, d: Dist, *lines: str) -> None:
+    """Timestamped lines at the end of output_dir/log.txt (main process)."""
+    if d.main and lines:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with (out / "log.txt").open("a", encoding="utf-8") as f:
+            f.writelines(f"{stamp} {line}\n" for line in lines)
+
+
+def _check_output(cfg: TrainConfig) -> None:
+    """Refuse a fresh run into a folder that is not empty (but for the RECORDS of a failed start), unless
+    cfg.overwrite. (Nothing is written before every process has looked but RECORDS, which this ignores.)"""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} is a file, not a folder")
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    ours = [n for n in present if n.removesuffix(".tmp") in RUN_FILES]
+    kept = [n for n in present if n not in ours or n.removesuffix(".tmp") not in RECORDS]
+    if kept and not cfg.resume and not cfg.overwrite:
+        if set(kept) & set(ours):
+            resume = ("continue it with --resume latest (resume = \"latest\"), or " if "latest.txt" in ours
+                      else "it has no complete checkpoint to resume: ")
+            raise ValueError(f"output_dir {out} holds an earlier run ({', '.join(ours)}): {resume}start over with "
+                             "--overwrite (overwrite = true), which deletes it")
+        shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
+        raise ValueError(f"output_dir {out} is not empty ({shown}): choose a new folder (--output-dir, "
+                         "output_dir), or --overwrite (overwrite = true) to train beside these files")
+
+
+def _claim_output(cfg: TrainConfig, d: Dist) -> None:
+    """Make output_dir this run's: with cfg.overwrite, delete an earlier run's files (only now that the data and
+    the models have loaded, so that a run that cannot start deletes nothing); record the config."""
+    out = Path(cfg.output_dir)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        ours = sorted(p.name for p in out.iterdir() if p.name.removesuffix(".tmp") in RUN_FILES)
+        if cfg.overwrite and ours:
+            for name in ours:
+                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+            _note(out, d, f"overwrite: deleted the earlier run's {', '.join(ours)}")
+        _write_text(out / "config.toml", _record(cfg))
+    _barrier(d)  # (before any process reads its cache there)
 
 
 def _append_csv(path: Path, rows: list[tuple]) -> None:
@@ -724,13 +1061,35 @@ def _append_csv(path: Path, rows: list[tuple]) -> None:
         w.writerows((s, f"{loss:.6g}", f"{lr:.6g}") for s, loss, lr in rows)
 
 
+def _loss_rows(path: Path) -> dict[int, str]:
+    """loss.csv's rows by step (a step logged twice keeps its last row); a row cut short by a kill is left out."""
+    rows: dict[int, str] = {}
+    for line in path.read_text(errors="replace").splitlines()[1:] if path.is_file() else []:
+        fields = line.split(",")
+        try:
+            step, _, _ = int(fields[0]), float(fields[1]), float(fields[2])
+        except (ValueError, IndexError):
+            continue
+        if len(fields) == 3:
+            rows[step] = line
+    return rows
+
+
+def _trim_csv(path: Path, step: int) -> None:
+    """Keep loss.csv's rows of steps up to `step`, once each: a run resumed from there logs the later ones again."""
+    if path.is_file():
+        rows = _loss_rows(path)
+        _write_text(path, "step,loss,lr\n" + "".join(rows[s] + "\n" for s in sorted(rows) if s <= step))
+
+
 def _plot_csv(out: Path) -> None:
     path = out / "loss.csv"
     if not path.exists():
         return
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
-    plot_losses([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], out / "loss.png")
+    rows = _loss_rows(path)
+    steps = sorted(rows)
+    plot_losses(steps, [float(rows[s].split(",")[1]) for s in steps], out / "loss.png.tmp")
+    os.replace(out / "loss.png.tmp", out / "loss.png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -741,6 +1100,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(prog="sdxl train", description="Fine-tune SDXL from a TOML config.")
     parser.add_argument("config", help="the training config (.toml, or .yaml with PyYAML); see configs/ for examples")
     parser.add_argument("--resume", help="override the config's resume: a checkpoint folder or 'latest'")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an output_dir that holds an earlier run: delete its checkpoints and "
+                             "log first")
     parser.add_argument("--steps", type=int, help="override the config's total steps")
     parser.add_argument("--output-dir", help="override the config's output_dir")
     parser.add_argument("--lr", type=float, help="override the config's lr (e.g. a lower one when resuming, to anneal)")
@@ -750,10 +1112,16 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in (("resume", args.resume), ("steps", args.steps), ("output_dir", args.output_dir),
-                                   ("lr", args.lr)) if v is not None}
+                                   ("lr", args.lr), ("overwrite", args.overwrite or None)) if v is not None}
     try:
         cfg = load_config(args.config, **overrides)
         result = train(cfg)
+    except Interrupted as e:
+        print(f"sdxl train: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("sdxl train: interrupted before the first step; nothing saved", file=sys.stderr)
+        return 130
     except (ValueError, OSError) as e:
         print(f"sdxl train: error: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,9 @@ Outputs in OUT_DIR:
                             U-Net on top of the trained VAE
   init_refiner.safetensors  the same for `init = "tiny_refiner"`
   loss.csv                  step, loss, l1, kl, lr
+
+OUT_DIR must be new or empty (an earlier run's files are not silently replaced); with --overwrite they are replaced
+when this run writes its own, at the end (each under a temporary name, then renamed). Ctrl-C stops in one line.
 """
 
 from __future__ import annotations
@@ -45,13 +48,30 @@ from ..models.vae import AutoencoderKL, VAEConfig
 BUILTIN = replace(vae_models.tiny, base_channels=16, channel_mult=(1, 2, 4, 4))
 
 
+# What a run writes into OUT_DIR.
+OUTPUTS = ("vae.safetensors", "init_base.safetensors", "init_refiner.safetensors", "loss.csv", "eval.json")
+
+
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an OUT_DIR that is not empty, unless `overwrite`."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder")
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if present and not overwrite:
+        shown = ", ".join(present[:4]) + (", ..." if len(present) > 4 else "")
+        raise ValueError(f"{out} is not empty ({shown}): choose a new folder, or --overwrite to replace an earlier "
+                         "run's files")
+    out.mkdir(parents=True, exist_ok=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Data: all images in memory, grouped by size.
 
 
 def load_images(folder: str | Path, limit: int | None = None) -> dict[tuple[int, int], Tensor]:
-    """(h, w) -> uint8 tensor (N, 3, h, w) of the folder's PNG/JPEG images (sorted by name)."""
-    from PIL import Image
+    """(h, w) -> uint8 tensor (N, 3, h, w) of the folder's PNG/JPEG images (sorted by name), read as the U-Net
+    trainer reads them (sdxl.training.data.read_image: DataError naming a file that cannot be read)."""
+    from .data import read_image
 
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
@@ -61,8 +81,7 @@ def load_images(folder: str | Path, limit: int | None = None) -> dict[tuple[int,
         raise ValueError(f"{folder}: no images")
     groups: dict[tuple[int, int], list[np.ndarray]] = {}
     for p in files:
-        with Image.open(p) as im:
-            a = np.asarray(im.convert("RGB"))
+        a = np.asarray(read_image(p))
         h, w = a.shape[:2]
         if h % 8 or w % 8:
             a = a[: h - h % 8, : w - w % 8]
@@ -170,9 +189,9 @@ def train_vae(out_dir: str | Path, data: str | Path, *, steps: int = 3000, batch
               crop: int | None = 32, log_every: int = 50, limit: int | None = None, progress: bool = True,
               init_checkpoints: bool = True, init_from: str | Path | None = None,
               decoder_only: bool = False, edge_weight: float = 0.0,
-              keep_scaling: bool = False) -> tuple[AutoencoderKL, list[float]]:
+              keep_scaling: bool = False, overwrite: bool = False) -> tuple[AutoencoderKL, list[float]]:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out_dir(out, overwrite)
     torch.manual_seed(seed)
     # init_from: continue from a VAE written by save_vae (its config wins over `config`).
     vae = (load_vae_file(init_from, dtype=torch.float32) if init_from else AutoencoderKL(config or BUILTIN)).train().requires_grad_(True)
@@ -209,10 +228,13 @@ def train_vae(out_dir: str | Path, data: str | Path, *, steps: int = 3000, batch
     rms = latent_rms(vae, groups)
     if not (decoder_only or keep_scaling):  # (decoder_only: same encoder, keep its scaling factor)
         vae.config = replace(vae.config, scaling_factor=round(1.0 / rms, 5))
-    with (out / "loss.csv").open("w", newline="") as fh:
+    for name in OUTPUTS:  # an earlier run's (--overwrite): none of them may be left beside this run's
+        (out / name).unlink(missing_ok=True)
+    with (out / "loss.csv.tmp").open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["step", "loss", "l1", "kl", "lr"])
         w.writerows((s, f"{a:.6g}", f"{b:.6g}", f"{c:.6g}", f"{d:.6g}") for s, a, b, c, d in rows)
+    (out / "loss.csv.tmp").replace(out / "loss.csv")
     save_vae(vae, out / "vae.safetensors")
     if init_checkpoints:
         init_checkpoint(vae, out / "init_base.safetensors", "tiny", seed)
@@ -270,12 +292,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --init-from: keep its scaling_factor (a U-Net trained on its latents fine-tunes onto "
                         "the new ones)")
     p.add_argument("--eval-data", help="a held-out image folder: report how often measure() agrees after reconstruction")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in OUT_DIR")
     args = p.parse_args(argv)
-    vae, _ = train_vae(args.out_dir, args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                       kl_weight=args.kl_weight, seed=args.seed, crop=args.crop or None,
-                       config=BUILTIN if args.preset == "builtin" else vae_models.tiny, init_from=args.init_from,
-                       decoder_only=args.decoder_only, edge_weight=args.edge_weight, keep_scaling=args.keep_scaling,
-                       init_checkpoints=not (args.decoder_only or args.keep_scaling))
+    try:
+        vae, _ = train_vae(args.out_dir, args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                           kl_weight=args.kl_weight, seed=args.seed, crop=args.crop or None,
+                           config=BUILTIN if args.preset == "builtin" else vae_models.tiny, init_from=args.init_from,
+                           decoder_only=args.decoder_only, edge_weight=args.edge_weight,
+                           keep_scaling=args.keep_scaling, overwrite=args.overwrite,
+                           init_checkpoints=not (args.decoder_only or args.keep_scaling))
+    except KeyboardInterrupt:
+        print(f"{p.prog}: interrupted; nothing saved (the VAE trainer writes its files at the end)", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
     if args.eval_data:
         result = evaluate(vae, args.eval_data)
         print(json.dumps(result))
