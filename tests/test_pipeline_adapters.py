@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 import sdxl
-from sdxl.adapters.keys import KOHYA
+from sdxl.adapters.keys import KOHYA, PEFT
 from sdxl.conditioning import Conditioning
 from sdxl.pipeline import guided_unet
-from test_adapters import kohya_file, lora_tensors
+from test_adapters import kohya_file, lora_tensors, peft_file
 from test_pipeline import PROMPT, assert_close_images, models, reference  # noqa: F401 (models: a fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore::sdxl.options.ResolutionWarning")
@@ -61,6 +61,22 @@ def test_a_kohya_lora_by_tag_gives_diffusers_image_and_restores_exactly(models, 
     assert np.array_equal(after, before)  # the base weights came back bit for bit
     fresh = sdxl.load(models["base"][1]).generate(PROMPT, output="np", **SETTINGS)
     assert np.array_equal(fresh, before)
+
+
+def test_a_peft_lora_gives_diffusers_image(models, tmp_path):  # noqa: F811
+    ours = sdxl.load(models["base"][1])
+    path = peft_file(tmp_path / "peft.safetensors",
+                     lora_tensors(ours.base, {PEFT}, seed=8, scale=0.15, linear_only=True), metadata=True)
+    got = ours.generate(PROMPT, loras=[(str(path), 0.6)], output="np", **SETTINGS)
+    d = models["base"][0]
+    d.load_lora_weights(str(path), adapter_name="peft")
+    try:
+        d.set_adapters(["peft"], adapter_weights=[0.6])
+        want = theirs(d)
+    finally:
+        d.unload_lora_weights()
+    assert_close_images(got, want, "PEFT LoRA at 0.6")
+    assert np.abs(got - ours.generate(PROMPT, output="np", **SETTINGS)).max() > 5 / 255
 
 
 def test_loras_by_argument_and_separate_weights(pipe, lora_dir):
