@@ -147,7 +147,8 @@ ALL_FLAGS = [
     "--original-size", "128x96", "--crop-top-left", "4,8", "--target-size", "200x100",
     "--negative-original-size", "32x16", "--negative-crop-top-left", "1,2", "--negative-target-size", "40x24",
     "--aesthetic-score", "7.5", "--negative-aesthetic-score", "1.5", "--clip-skip", "1", "--vae-tiling",
-    "--variant", "fp16", "--dtype", "bf16", "--device", "meta",
+    "--variant", "fp16", "--dtype", "bf16", "--device", "meta", "--inpaint-fill", "noise", "--hires", "128x96",
+    "--hires-strength", "0.5", "--hires-steps", "2", "--hires-upscaler", "Latent (bicubic)",
 ]
 
 
@@ -158,11 +159,14 @@ def test_every_generation_option_has_a_flag_that_reaches_the_pipeline(tmp_path):
     args = cli.build_parser().parse_args(argv)
     s = metadata.settings_from_flags(vars(args))
     fields = {f.name for f in dataclasses.fields(GenerationOptions)}
-    assert fields - {"output"} <= set(s), fields - set(s)  # every option but the return type
+    # every option but the return type and init_latents (a tensor: the API's, for a hires fix's second pass)
+    assert fields - {"output", "init_latents"} <= set(s), fields - set(s)
     o = metadata.generation_options(s, s["prompt"])
     assert (o.prompt, o.prompt_2, o.negative_prompt, o.negative_prompt_2) == ("a prompt", "p two", "n one", "n two")
     assert (o.width, o.height, o.steps, o.cfg, o.guidance_rescale) == (64, 48, 3, 4.5, 0.5)
     assert (o.sampler, o.schedule, o.seed, o.batch, o.strength, o.mask_blur) == ("dpmpp_2m", "karras", 11, 2, 0.6, 2.5)
+    assert o.inpaint_fill == "noise" and (o.hires.width, o.hires.height, o.hires.strength, o.hires.steps,
+                                          o.hires.upscaler) == (128, 96, 0.5, 2, "Latent (bicubic)")
     assert o.init_image.size == (40, 32) and o.mask is None
     assert (o.outpaint, o.outpaint_fill, o.refiner_switch) == ((8, 0, 16, 0), (1, 2, 3), 0.7)
     # WxH on the command line -> (height, width) in the API; crops are TOP,LEFT in both.

@@ -20,7 +20,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "sdxl"
 LAYERS = {  # the first part of a module's name under sdxl -> its layer
     "__init__": 4, "dtypes": 0, "builtin": 0, "images": 0, "acceleration": 0, "models": 0, "data": 0, "prompts": 0,
     "sampling": 1, "checkpoints": 1, "adapters": 1,
-    "conditioning": 2, "latents": 2, "options": 2,
+    "conditioning": 2, "latents": 2, "options": 2, "previews": 2,
     "pipeline": 3,
     "interfaces": 4, "training": 4, "__main__": 4,
 }

@@ -23,6 +23,7 @@ arrays, tensors), is read into 8-bit RGB (a mask: 8-bit grey) by one rule set (`
 
 from __future__ import annotations
 
+import io
 import threading
 import warnings
 from collections.abc import Sequence
@@ -85,22 +86,26 @@ def _open(path: Path) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = saved
 
 
-def load_image(path: str | Path, *, mask: bool = False, what: str = "--init-image",
+def load_image(path: str | Path | bytes, *, mask: bool = False, what: str = "--init-image",
                max_pixels: int | None = None) -> Image.Image:
     """An image file as the pipeline reads it (`normalize`): 8-bit RGB, or grey with mask=True, upright.
 
     what: how messages name the file's origin (a flag such as "--mask"; "" for none). ValueError naming the
     file and `what` for a file that is not an image, is truncated or corrupt, or has more than `max_pixels`
     pixels (default MAX_IMAGE_PIXELS, checked from the header, before any pixel is decoded);
-    FileNotFoundError for a missing one."""
-    path, limit = Path(path).expanduser(), MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    where = f"{what} {path}" if what else str(path)
-    if path.is_dir():
-        raise ValueError(f"{where}: a folder, not an image file")
-    if not path.is_file():
-        raise FileNotFoundError(f"{where}: no such file")
+    FileNotFoundError for a missing one. `path` may also be the file's bytes (an upload): then `what` names it."""
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if isinstance(path, (bytes, bytearray)):
+        source, where = io.BytesIO(path), what or "image"
+    else:
+        path = source = Path(path).expanduser()
+        where = f"{what} {path}" if what else str(path)
+        if path.is_dir():
+            raise ValueError(f"{where}: a folder, not an image file")
+        if not path.is_file():
+            raise FileNotFoundError(f"{where}: no such file")
     try:
-        opened = _open(path)
+        opened = _open(source)
     except UnidentifiedImageError:
         raise ValueError(f"{where}: not an image file (or not a format PIL reads)") from None
     with opened:
@@ -233,6 +238,31 @@ def prepare_mask(mask, width: int, height: int, blur: float = 0.0) -> Tensor:
         soft = Image.fromarray((m * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(blur))
         m = np.asarray(soft).astype(np.float32) / 255.0
     return torch.from_numpy(m)[None, None]
+
+
+def fill_masked(image, mask) -> Image.Image:
+    """The image (RGB) with its masked (white) region painted in the colours around it: averages over coarse
+    blocks far from the kept pixels, finer ones near them (AUTOMATIC1111's masked content "fill")."""
+    pil = _to_pil(image, "RGB")
+    size = pil.size
+    m = _to_pil(mask, "L")
+    keep = (np.asarray(m if m.size == size else resize(m, *size), np.float32) < 127.5).astype(np.float32)
+    if keep.all() or not keep.any():
+        return pil
+    rgb = np.asarray(pil, np.float32) / 255.0
+    out, hole = rgb.copy(), keep == 0
+    for factor in (256, 64, 16, 4, 2):  # coarse to fine: each finer estimate overwrites where it has support
+        small = (max(1, size[0] // factor), max(1, size[1] // factor))
+        weight = _box_blur(keep, small, size)
+        sums = np.stack([_box_blur(rgb[..., c] * keep, small, size) for c in range(3)], axis=-1)
+        known = hole & (weight > 1e-3)
+        out[known] = sums[known] / weight[known][:, None]
+    return Image.fromarray((out.clip(0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
+
+
+def _box_blur(a: np.ndarray, small: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    f = Image.fromarray(np.ascontiguousarray(a, np.float32), mode="F")
+    return np.asarray(f.resize(small, Image.Resampling.BOX).resize(size, Image.Resampling.BILINEAR), np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

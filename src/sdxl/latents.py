@@ -123,11 +123,13 @@ class Inpaint:
 
 def inpaint_start(vae: AutoencoderKL, init: Tensor, mask: Tensor, generators: Sequence[torch.Generator],
                   plan: sampling.Plan, shape: tuple[int, ...], *, nine_channels: bool, full: bool,
-                  tiled: bool, device: torch.device) -> tuple[Inpaint, Tensor]:
+                  tiled: bool, device: torch.device, fill: str = "original") -> tuple[Inpaint, Tensor]:
     """(the inpainting state, the starting latents), consuming the generators in diffusers' order.
 
     full: strength 1 (start from pure noise); nine_channels: an inpainting U-Net (mask and masked
-    image as extra input channels) rather than an ordinary one blended after each step.
+    image as extra input channels) rather than an ordinary one blended after each step. fill: what the
+    masked region is noised from below strength 1: the image's latents ("original", and "fill", whose image
+    was filled already), fresh unit noise ("noise") or zeros ("zeros"), AUTOMATIC1111's masked content.
     """
     image_latents = None
     if not nine_channels or not full:  # diffusers encodes the image only when it needs it
@@ -139,7 +141,11 @@ def inpaint_start(vae: AutoencoderKL, init: Tensor, mask: Tensor, generators: Se
         masked_latents = None
         for g in generators:  # diffusers encodes the masked image here even for 4-channel U-Nets
             torch.randn(shape, generator=g, dtype=torch.float32)
-    x = noise * plan.init_noise_sigma if full else sampling.add_noise(image_latents, noise, plan)
     latent_mask = torch.nn.functional.interpolate(mask, size=shape[-2:]).to(device)  # nearest, as diffusers
     latent_mask = latent_mask.expand(len(generators), -1, -1, -1)
+    start = image_latents
+    if not full and fill in ("noise", "zeros"):
+        under = initial_noise(generators, shape, device) if fill == "noise" else torch.zeros_like(image_latents)
+        start = torch.lerp(image_latents, under, latent_mask)
+    x = noise * plan.init_noise_sigma if full else sampling.add_noise(start, noise, plan)
     return Inpaint(latent_mask, image_latents, masked_latents, noise), x

@@ -67,6 +67,13 @@ SDXL_BUCKETS: tuple[Size, ...] = tuple((w, h) for h, w in _SDXL_PAPER_HW)
 SDXL_RESOLUTIONS: frozenset[Size] = frozenset(SDXL_BUCKETS) | {(h, w) for w, h in SDXL_BUCKETS}
 
 OUTPUTS = ("pil", "np", "latent")
+# What inpainting puts under the mask before sampling (AUTOMATIC1111's "masked content" 0-3: fill, original,
+# latent noise, latent nothing)
+INPAINT_FILLS = ("fill", "original", "noise", "zeros")
+# Latent upscalers of the hires fix: AUTOMATIC1111's "Latent (...)" modes -> (torch interpolate mode, antialias)
+LATENT_UPSCALERS = {"Latent": ("bilinear", False), "Latent (antialiased)": ("bilinear", True),
+                    "Latent (bicubic)": ("bicubic", False), "Latent (bicubic antialiased)": ("bicubic", True),
+                    "Latent (nearest)": ("nearest", False), "Latent (nearest-exact)": ("nearest-exact", False)}
 EMPHASIS = ("original", "no_norm", "comfy", "none")  # sdxl.conditioning's weightings of (word:1.2)
 DEFAULT_CFG = 5.0  # the guidance scale for models that recommend none (SDXL's usual 5-7)
 MAX_CFG = 100.0  # ComfyUI's bound (A1111's slider stops at 30): beyond it the guided prediction only overflows
@@ -143,6 +150,32 @@ def _finite(name: str, value, low: float, high: float = math.inf, *, what: str =
 
 
 @dataclass
+class HiresFix:
+    """A second pass at a larger size (AUTOMATIC1111's hires fix): the first pass's latents are upscaled
+    (`upscaler`, one of LATENT_UPSCALERS) to width x height and denoised again from `strength` of the schedule
+    with `steps` steps (None: the first pass's)."""
+
+    width: int
+    height: int
+    strength: float = 0.7
+    steps: int | None = None
+    upscaler: str = "Latent"
+
+    def __post_init__(self) -> None:
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if not _is_int(v) or v <= 0 or v % 8:
+                raise OptionError("hires", f"the hires fix's {name} must be a positive multiple of 8, got {v!r}")
+        if not (_is_number(self.strength) and 0.0 < self.strength <= 1.0):
+            raise OptionError("hires", f"the hires fix's denoising strength must be in (0, 1], got {self.strength!r}")
+        if self.steps is not None and (not _is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS):
+            raise OptionError("hires", f"the hires fix's steps must be 1..{MAX_STEPS} or None, got {self.steps!r}")
+        if self.upscaler not in LATENT_UPSCALERS:
+            raise OptionError("hires", f"unknown hires upscaler {self.upscaler!r}; choose one of "
+                                       f"{', '.join(LATENT_UPSCALERS)}")
+
+
+@dataclasses.dataclass
 class GenerationOptions:
     """Everything one `generate` call can set. Validated on construction (ValueError naming what is allowed).
 
@@ -188,6 +221,11 @@ class GenerationOptions:
     # weight, text-encoder weight). Names are looked up in the pipeline's LoRA folders (by file stem or the file's
     # ss_output_name). Prompts add their own with <lora:NAME:WEIGHT>, by name only.
     loras: tuple = ()
+    inpaint_fill: str = "original"  # one of INPAINT_FILLS: what the masked region starts from
+    # img2img from latents instead of an image: (1 or batch, 4, height / 8, width / 8), in the U-Net's latent space
+    # (the VAE's latents times its scaling factor), e.g. another call's output="latent"
+    init_latents: Any = None
+    hires: HiresFix | None = None  # a second pass at a larger size (txt2img and img2img, not inpainting)
     output: str = "pil"  # "pil" (list of images), "np" (float32 (B, H, W, 3) in [0, 1]), "latent"
     vae_tiling: bool = False  # encode / decode large images in tiles
 
@@ -254,6 +292,11 @@ class GenerationOptions:
             raise OptionError("schedule", f"unknown schedule {self.schedule!r}; choose one of {', '.join(sampling.SCHEDULES)}")
         if self.emphasis not in EMPHASIS:
             raise OptionError("emphasis", f"unknown emphasis {self.emphasis!r}; choose one of {', '.join(EMPHASIS)}")
+        if self.inpaint_fill not in INPAINT_FILLS:
+            raise OptionError("inpaint_fill", f"unknown inpaint_fill {self.inpaint_fill!r}; choose one of "
+                                              f"{', '.join(INPAINT_FILLS)}")
+        if self.hires is not None and not isinstance(self.hires, HiresFix):
+            raise OptionError("hires", f"hires must be a HiresFix or None, got {type(self.hires).__name__}")
         if self.output not in OUTPUTS:
             raise OptionError("output", f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
 
@@ -267,6 +310,8 @@ class GenerationOptions:
                 raise OptionError("outpaint", "give either a mask or outpaint padding, not both (outpainting makes its own mask)")
             if len(self.outpaint) != 4 or any(not isinstance(p, int) or p < 0 for p in self.outpaint):
                 raise OptionError("outpaint", f"outpaint must be 4 non-negative integers (left, top, right, bottom), got {self.outpaint!r}")
+        if self.init_latents is not None:
+            self._check_latents()
         if self.init_image is not None:
             w, h = imaging.image_size(self.init_image)
             if w < 8 or h < 8:
@@ -274,6 +319,18 @@ class GenerationOptions:
             if self.mask is not None and imaging.image_size(self.mask) != (w, h):
                 mw, mh = imaging.image_size(self.mask)
                 raise OptionError("mask", f"mask ({mw}x{mh}) and init_image ({w}x{h}) must have the same size")
+
+    def _check_latents(self) -> None:
+        x = self.init_latents
+        if self.init_image is not None:
+            raise OptionError("init_latents", "give either init_latents or an init_image, not both")
+        shape = tuple(getattr(x, "shape", ()))
+        if len(shape) != 4 or shape[0] not in (1, self.batch) or shape[1] != 4:
+            raise OptionError("init_latents", f"init_latents must be a tensor (1 or batch, 4, height / 8, width / 8), "
+                                              f"got shape {shape}")
+        for name, size in (("width", shape[3] * 8), ("height", shape[2] * 8)):
+            if getattr(self, name) not in (None, size):
+                raise OptionError(name, f"{name} {getattr(self, name)} differs from init_latents' {size}")
 
     def replace(self, **changes) -> GenerationOptions:
         return dataclasses.replace(self, **changes)
@@ -289,6 +346,8 @@ def planned_size(o: GenerationOptions, native: int | None = None) -> Size | None
     if o.init_image is not None:
         w, h = _canvas(o)
         return o.width or w // 8 * 8, o.height or h // 8 * 8
+    if o.init_latents is not None:
+        return o.init_latents.shape[3] * 8, o.init_latents.shape[2] * 8
     if native is None and (o.width is None or o.height is None):
         return None
     return o.width or native, o.height or native
@@ -314,6 +373,9 @@ def check_pixels(o: GenerationOptions, max_pixels: int = MAX_PIXELS, *, native: 
     if o.init_image is not None and o.outpaint is not None:
         cw, ch = _canvas(o)
         sizes.append((f"the outpainting canvas of {cw}x{ch}", cw * ch))
+    if o.hires is not None:
+        sizes.append((f"the hires fix's {o.hires.width}x{o.hires.height} x batch {o.batch}",
+                      o.hires.width * o.hires.height * o.batch))
     for what, pixels in sizes:
         if pixels > max_pixels:
             raise OptionError("width", f"{what} = {pixels:,} pixels is more than the {max_pixels:,} one call may "

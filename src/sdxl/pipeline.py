@@ -57,6 +57,7 @@ from .latents import Inpaint, PrecisionWarning, decode_latents, encode_image, in
 from .models.specs import Components
 from .options import (
     DEFAULT_CFG,
+    LATENT_UPSCALERS,
     MAX_PIXELS,
     SDXL_RESOLUTIONS,
     GenerationOptions,
@@ -68,15 +69,16 @@ from .prompts import extract_networks
 from .sampling import Cancelled
 
 __all__ = [
+    "SDXL_RESOLUTIONS",
     "Cancelled",
     "GenerationOptions",
     "Pipeline",
     "PrecisionWarning",
     "ResolutionWarning",
-    "SDXL_RESOLUTIONS",
     "decode_latents",
     "encode_image",
     "load",
+    "upscale_latents",
 ]
 
 
@@ -144,15 +146,21 @@ def guided_unet(unet: torch.nn.Module, cond: Conditioning | Schedule, cfg: float
 
 
 class _Progress:
-    """Counts steps over all stages for the user's callback."""
+    """Counts steps over all stages (and both passes of a hires fix) for the user's callbacks."""
 
-    def __init__(self, callback, total: int):
-        self.callback, self.total, self.done = callback, total, 0
+    def __init__(self, callback, total: int, preview=None):
+        self.callback, self.preview, self.total, self.done = callback, preview, total, 0
 
-    def step(self, latents: Tensor) -> None:
+    def step(self, latents: Tensor, denoised: Tensor) -> None:
         self.done += 1
         if self.callback is not None:
             self.callback(self.done, self.total, latents)
+        if self.preview is not None:
+            self.preview(self.done, self.total, denoised)
+
+
+class _Interrupted(Cancelled):
+    """`interrupt()` said stop: the run ends on the last step's prediction instead of raising."""
 
 
 class _Blend:
@@ -187,6 +195,16 @@ class _Blend:
 
 
 @dataclass
+class _Hooks:
+    """A call's callbacks (see `Pipeline.generate`)."""
+
+    callback: Callable | None = None
+    cancel: Callable[[], bool] | None = None
+    preview: Callable | None = None
+    interrupt: Callable[[], bool] | None = None
+
+
+@dataclass
 class _Run:
     """What the stages of one run share."""
 
@@ -198,9 +216,19 @@ class _Run:
     mask: Tensor | None  # (1, 1, H, W), 1 = repaint
     progress: _Progress
     cancel: Callable[[], bool] | None
+    interrupt: Callable[[], bool] | None = None
     embeddings: Mapping[str, object] | None = None  # name -> textual-inversion Embedding, read when used
     inpaint: Inpaint | None = None
     calls: _Calls = field(default_factory=_Calls)
+    interrupted: bool = False
+
+    def stop(self) -> bool:
+        """The samplers' cancel(): Cancelled for cancel(), _Interrupted for interrupt()."""
+        if self.cancel is not None and self.cancel():
+            raise Cancelled()
+        if self.interrupt is not None and self.interrupt():
+            raise _Interrupted()
+        return False
 
 
 @dataclass
@@ -266,13 +294,16 @@ class Pipeline:
 
     # -- public API
 
-    def generate(self, prompt: str | None = None, *, callback=None, cancel=None,
+    def generate(self, prompt: str | None = None, *, callback=None, cancel=None, preview=None, interrupt=None,
                  options: GenerationOptions | None = None, **overrides):
         """Generate images. Keyword arguments are the fields of `GenerationOptions` (or pass `options`).
 
-        callback(step, total, latents): after every step, step = 1 .. total (base and refiner steps
-        counted together). cancel(): asked
-        before the first step and between steps; True stops the run with `sdxl.pipeline.Cancelled`.
+        callback(step, total, latents): after every step, step = 1 .. total (base and refiner steps, and both
+        passes of a hires fix, counted together). preview(step, total, denoised): the same, with the step's
+        prediction of the clean latents (what live previews show; not read here, so no device sync). cancel():
+        asked before the first step and between steps; True stops the run with `sdxl.pipeline.Cancelled`.
+        interrupt(): asked as cancel is; True ends the run early on the last step's prediction, which is decoded
+        and returned as if the run had finished (AUTOMATIC1111's Interrupt); `last_interrupted` then says so.
         Returns a list of PIL images, a float32 array (B, H, W, 3) in [0, 1] for output="np", or the
         final latents (B, 4, H/8, W/8) for output="latent".
         Inpainting (mask or outpaint) runs the main model only, without the refiner.
@@ -280,7 +311,7 @@ class Pipeline:
         if prompt is not None:
             overrides["prompt"] = prompt
         options = options.replace(**overrides) if options else GenerationOptions(**overrides)
-        return self.run(options, callback=callback, cancel=cancel)
+        return self.run(options, callback=callback, cancel=cancel, preview=preview, interrupt=interrupt)
 
     def refine(self, image, prompt: str = "", *, strength: float = 0.3, callback=None, cancel=None, **overrides):
         """The refiner as plain image-to-image on a finished image."""
@@ -294,11 +325,16 @@ class Pipeline:
         """The guidance scale used when none is given: the model file's recommendation, else 5."""
         return float((model or self.base).recommended.get("cfg", DEFAULT_CFG))
 
-    def run(self, o: GenerationOptions, *, callback=None, cancel=None, model: Components | None = None,
-            refiner: Components | None | bool = True):
+    def run(self, o: GenerationOptions, *, callback=None, cancel=None, preview=None, interrupt=None,
+            model: Components | None = None, refiner: Components | None | bool = True):
         """The one generation loop behind `generate` and `refine`."""
+        model = model or self.base
+        refiner = self.refiner if refiner is True else refiner
+        self.last_interrupted = False
         try:
-            return self._run(o, callback=callback, cancel=cancel, model=model, refiner=refiner)
+            if o.hires is not None:
+                return self._hires(o, _Hooks(callback, cancel, preview, interrupt), model, refiner)
+            return self._run(o, _Hooks(callback, cancel, preview, interrupt), model, refiner)
         finally:
             if self.offload is not None:
                 self.offload.unload()  # model offload: nothing stays on the device between calls
@@ -340,29 +376,49 @@ class Pipeline:
         return o, self._embeddings[id(model)]
 
     @torch.no_grad()
-    def _run(self, o: GenerationOptions, *, callback, cancel, model: Components | None, refiner):
-        model = model or self.base
-        refiner = self.refiner if refiner is True else refiner
+    def _run(self, o: GenerationOptions, hooks: _Hooks, model: Components, refiner: Components | None,
+             progress: _Progress | None = None):
         if o.cfg is None:
             o = o.replace(cfg=self.recommended_cfg(model))
         o, embeddings = self._prepare(o, model)
         init, mask, width, height = _images_in(o, model)
         check_pixels(o.replace(width=width, height=height), self.max_pixels)  # before anything is allocated
         _check_channels(model, mask)
-        stages = _stages(model, refiner if mask is None else None, o, strength=o.strength if init is not None else 1.0)
+        stages = _stages(model, refiner if mask is None else None, o, strength=o.strength if init is not None or
+                         o.init_latents is not None else 1.0)
         gens = [torch.Generator().manual_seed(o.seed + i) for i in range(o.batch)]
-        run = _Run(o, width, height, gens, init, mask, _Progress(callback, sum(s.plan.steps for s in stages)), cancel,
-                   embeddings)
+        progress = progress or _Progress(hooks.callback, sum(s.plan.steps for s in stages), hooks.preview)
+        run = _Run(o, width, height, gens, init, mask, progress, hooks.cancel, hooks.interrupt, embeddings)
         x = self._start(run, stages[0])
         for stage in stages:
             x = self._denoise(stage, run, x)
+            if run.interrupted:
+                self.last_interrupted = True
+                break
+        return self._decode(x, stages[-1].parts, o)
+
+    def _hires(self, o: GenerationOptions, hooks: _Hooks, model: Components, refiner: Components | None):
+        """AUTOMATIC1111's hires fix: the first pass (base only) at o's size, its latents upscaled, then
+        image-to-image from them at the hires size (with the refiner, if any)."""
+        h = o.hires
+        first = o.replace(hires=None, output="latent")
+        second = o.replace(hires=None, width=h.width, height=h.height, steps=h.steps or o.steps, strength=h.strength)
+        check_pixels(second, self.max_pixels)
+        trained = sampling.TrainingSchedule.from_diffusers(model.scheduler)
+        steps = sampling.make_plan(trained, o.sampler, o.schedule, o.steps).steps
+        steps += sum(s.plan.steps for s in _stages(model, refiner, second, strength=h.strength))
+        progress = _Progress(hooks.callback, steps, hooks.preview)
+        x = self._run(first, hooks, model, None, progress)
+        if self.last_interrupted:  # AUTOMATIC1111 skips the second pass of an interrupted job
+            return self._decode(x, model, o)
+        up = upscale_latents(x, h.width // 8, h.height // 8, h.upscaler)
+        return self._run(second.replace(init_latents=up, width=None, height=None), hooks, model, refiner, progress)
+
+    def _decode(self, x: Tensor, model: Components, o: GenerationOptions):
         if o.output == "latent":
             return x
-        decoder = stages[-1].parts.vae
-        images = decode_latents(decoder, x.to(execution_device(decoder)), tiled=o.vae_tiling)
-        if o.output == "np":
-            return imaging.to_unit(images).numpy()
-        return imaging.to_pil(images)
+        images = decode_latents(model.vae, x.to(execution_device(model.vae)), tiled=o.vae_tiling)
+        return imaging.to_unit(images).numpy() if o.output == "np" else imaging.to_pil(images)
 
     # -- steps of `run`
 
@@ -371,6 +427,9 @@ class Pipeline:
         model, o, plan = stage.parts, run.options, stage.plan
         device = execution_device(model.unet)
         shape = (1, 4, run.height // 8, run.width // 8)
+        if o.init_latents is not None:  # the hires fix's second pass
+            latents = o.init_latents.to(device, torch.float32).expand(len(run.generators), -1, -1, -1)
+            return sampling.add_noise(latents, initial_noise(run.generators, shape, device), plan)
         if run.init is None:
             return initial_noise(run.generators, shape, device) * plan.init_noise_sigma
         if run.mask is None:
@@ -379,6 +438,7 @@ class Pipeline:
         run.inpaint, x = inpaint_start(
             model.vae, run.init, run.mask, run.generators, plan, shape,
             nine_channels=model.unet.config.in_channels == 9, full=o.strength == 1.0, tiled=o.vae_tiling, device=device,
+            fill=o.inpaint_fill,
         )
         return x
 
@@ -394,21 +454,38 @@ class Pipeline:
         denoiser = sampling.Denoiser(model_fn, sampling.TrainingSchedule.from_diffusers(parts.scheduler), stage.plan)
         blend = _Blend(inpaint, stage.plan) if inpaint is not None and not nine else None
 
+        last: list[Tensor] = []
+
         def on_step(step: int, steps: int, latents: Tensor, denoised: Tensor) -> None:
             if blend is not None:
                 blend.step_done(step)
-            run.progress.step(latents)
+            last[:] = [denoised]
+            run.progress.step(latents, denoised)
 
-        x = sampling.sample(stage.plan, blend.wrap(denoiser) if blend else denoiser, x, generator=run.generators,
-                            callback=on_step, cancel=run.cancel)
+        try:
+            x = sampling.sample(stage.plan, blend.wrap(denoiser) if blend else denoiser, x, generator=run.generators,
+                                callback=on_step, cancel=run.stop)
+        except _Interrupted:
+            if not last:  # nothing made yet: an interrupt before the first step is a cancel
+                raise Cancelled() from None
+            run.interrupted, x = True, last[0]
         return blend.finish(x) if blend else x
+
+
+def upscale_latents(x: Tensor, width: int, height: int, upscaler: str = "Latent") -> Tensor:
+    """Latents resized to (height, width) latent pixels by one of AUTOMATIC1111's latent upscalers."""
+    mode, antialias = LATENT_UPSCALERS[upscaler]
+    corners = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    return torch.nn.functional.interpolate(x, size=(height, width), mode=mode, antialias=antialias, **corners)
 
 
 def _images_in(o: GenerationOptions, model: Components) -> tuple[Tensor | None, Tensor | None, int, int]:
     """(init image, mask, width, height): the options' images prepared at the output size, which defaults to
     the init image's size (rounded down to a multiple of 8), else the model's native size."""
     init = mask = None
-    if o.init_image is not None:
+    if o.init_latents is not None:
+        width, height = o.init_latents.shape[3] * 8, o.init_latents.shape[2] * 8
+    elif o.init_image is not None:
         image, mask_image = o.init_image, o.mask
         if o.outpaint is not None:
             image, mask_image = imaging.outpaint_canvas(image, o.outpaint, fill=o.outpaint_fill)
@@ -417,6 +494,8 @@ def _images_in(o: GenerationOptions, model: Components) -> tuple[Tensor | None, 
         init = imaging.to_tensor(image, width, height)
         if mask_image is not None:
             mask = imaging.prepare_mask(mask_image, width, height, o.mask_blur)
+            if o.inpaint_fill == "fill":  # the masked region starts from the colours around it
+                init = imaging.to_tensor(imaging.fill_masked(image, mask_image), width, height)
     else:
         native = model.unet.config.sample_size * 8  # the size the model was trained at: 1024 for SDXL
         width, height = o.width or native, o.height or native

@@ -47,6 +47,7 @@ class Library:
                  aliases: bool = False):
         self.folders = [Path(f).expanduser() for f in folders]
         self.suffixes, self.kind, self.aliases = suffixes, kind, aliases
+        self.confined = False  # True: files that a symlink takes outside their folder are left out (a server)
         self._index: dict[str, Path] | None = None
 
     def _scan(self) -> dict[str, Path]:
@@ -57,6 +58,8 @@ class Library:
                 raise FileNotFoundError(f"{folder}: no such {self.kind} folder")
             for path in sorted(folder.rglob("*")):
                 if path.suffix.lower() not in self.suffixes or not path.is_file():
+                    continue
+                if self.confined and not path.resolve().is_relative_to(folder.resolve()):
                     continue
                 if path.stem in stems and stems[path.stem] != path:
                     warnings.warn(f"{self.kind} {path.stem!r} is in {stems[path.stem]} and {path}; using the first")
@@ -85,8 +88,9 @@ class Library:
             self.refresh()  # a file added since the last scan
             path = self.names().get(name)
         if path is None:
-            where = ", ".join(map(str, self.folders)) or f"no {self.kind} folder is configured"
-            raise ValueError(f"{self.kind} {name!r}: not found in {where}")
+            if not self.folders:
+                raise ValueError(f"{self.kind} {name!r}: not found in any folder (no {self.kind} folder is configured)")
+            raise ValueError(f"{self.kind} {name!r}: not found in {', '.join(map(str, self.folders))}")
         return path
 
 

@@ -182,23 +182,31 @@ class _Run:
     lora_dirs: list[Path] = field(default_factory=list)
     embedding_dirs: list[Path] = field(default_factory=list)
     image: dict[str, Any] = field(default_factory=dict)  # the settings stored in --from-image's image
+    batch: Any = None  # batch.Batch: this process's part of a run of many (torchrun), or of a resumed batch folder
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     run = _plan(args)  # every setting, prompt, model and output path checked before the (slow) model load
     try:
-        pipe, load_seconds = _load_pipeline(args, run)
-        _check_with_model(args, run, pipe)
-        models = _describe_models(run, pipe)
-        written, seconds, image_steps = _generate_images(args, run, pipe, models)
+        if run.batch is None or run.batch.todo:  # a batch process with nothing left loads no model
+            pipe, load_seconds = _load_pipeline(args, run)
+            _check_with_model(args, run, pipe)
+            models = _describe_models(run, pipe)
+            written, seconds, image_steps = _generate_images(args, run, pipe, models)
+            _report(args, pipe, written, seconds, image_steps, load_seconds, models,
+                    who=run.batch.label if run.batch else "")
+        if run.batch is not None:
+            run.batch.finish()  # the processes meet; the first merges the manifest
     finally:
+        if run.batch is not None:
+            run.batch.close()
         if not run.target.written:
             run.target.discard()  # the output folder this run created, if it stayed empty
-    _report(args, pipe, written, seconds, image_steps, load_seconds, models)
     return 0
 
 
 def _plan(args: argparse.Namespace) -> _Run:
+    from . import batch as batches
     from . import metadata, outputs
     from . import settings as config
 
@@ -211,12 +219,22 @@ def _plan(args: argparse.Namespace) -> _Run:
     options = _options(args, settings, prompts, image, explicit)
     lora_dirs, embedding_dirs = config.folders("lora", args.lora_dirs), config.folders("embedding", args.embedding_dirs)
     _check_loras(options, lora_dirs)
+    launch = batches.launch_for(args.out, args.prompts_file)  # torchrun's processes, or a batch folder resumed
+    if launch is not None:
+        settings["device"] = batches.device_for(settings["device"], launch)  # cuda: cuda:LOCAL_RANK
     _check_device(settings["device"], stored=bool(image) and "device" not in explicit)
     models = _resolve_models(args, settings, image, explicit)
     kept = settings["batch"] if keep is None else 1
     target = outputs.plan_images(args.out, len(prompts) * kept)  # last: nothing is created for a refused run
-    return _Run(settings, prompts, options, models, target, keep=keep, image=image, lora_dirs=lora_dirs,
-                embedding_dirs=embedding_dirs)
+    run = _Run(settings, prompts, options, models, target, keep=keep, image=image, lora_dirs=lora_dirs,
+               embedding_dirs=embedding_dirs)
+    if launch is not None:
+        batches.split_threads(settings["device"], launch)
+        kept_indices = list(range(kept)) if keep is None else [keep]
+        description = batches.describe(prompts, settings, {k: m.name for k, m in models.items()}, kept_indices)
+        run.batch = batches.plan(target, launch, description, random_seed=args.seed == -1)
+        run.options = run.batch.agree(settings, options) if run.batch else options
+    return run
 
 
 def _random_seed(settings: dict[str, Any], given: bool) -> None:
@@ -463,17 +481,24 @@ def _generate_images(args: argparse.Namespace, run: _Run, pipe, models: dict[str
     steps_done = [0]
     written = []
     start = time.perf_counter()
-    for n, (prompt, opts) in enumerate(zip(run.prompts, run.options)):
+    for n in range(len(run.prompts)) if run.batch is None else run.batch.todo:
+        prompt, opts = run.prompts[n], run.options[n]
         desc = "sampling" if len(run.prompts) == 1 else f"prompt {n + 1}/{len(run.prompts)}"
         images = _sample(pipe, opts, desc, steps_done)
         # A1111's "Lora hashes": each LoRA by name (a file given by path: its stem), the first 12 hex of its sha256
         lora_hashes = {hashes.stem(Path(name).name): hashes.sha256(path)[:12] for name, path, _, _ in pipe.last_loras}
-        for i in kept:
+        for k, i in enumerate(kept):
+            index = n * len(kept) + k  # in a batch run, the image's number: its name
+            if run.batch is not None and run.batch.path(index).exists():
+                continue  # made by an earlier run of this batch: kept as it is
             image = images[i]
             stored = metadata.image_settings(run.settings, models, prompt=prompt, seed=opts.seed + i,
                                              batch_index=i, size=image.size)
             stored["lora_hashes"] = lora_hashes
-            path = run.target.write(metadata.png_bytes(image, stored))
+            data = metadata.png_bytes(image, stored)
+            path = run.target.write(data) if run.batch is None else run.batch.write(index, data, n, stored)
+            if path is None:
+                continue  # appeared meanwhile (another run into this folder): not made twice
             written.append({"path": str(path), "prompt": prompt, "seed": opts.seed + i})
             if not args.json:
                 print(path, flush=True)
@@ -512,12 +537,12 @@ def _sample(pipe, opts, desc: str, steps_done: list[int]) -> list:
 
 
 def _report(args: argparse.Namespace, pipe, written: list, seconds: float, image_steps: int, load_seconds: float,
-            models: dict[str, Any]) -> None:
+            models: dict[str, Any], who: str = "") -> None:
     import json
 
     peak, peak_what = _peak_memory(pipe.device)
     memory = f"; {peak_what} {peak / 2**30:.2f} GiB" if peak is not None else ""
-    print(f"{len(written)} image(s) in {seconds:.1f} s ({image_steps / seconds:.2f} steps/s) on {pipe.device}; "
+    print(f"{who}{len(written)} image(s) in {seconds:.1f} s ({image_steps / seconds:.2f} steps/s) on {pipe.device}; "
           f"model loaded in {load_seconds:.1f} s{memory}", file=sys.stderr)
     if args.json:
         print(json.dumps({
@@ -706,6 +731,17 @@ def _add_image_arguments(gen: argparse.ArgumentParser) -> None:
     i.add_argument("--outpaint", metavar="L,T,R,B", help="pixels to add left,top,right,bottom of --init-image")
     i.add_argument("--outpaint-fill", dest="outpaint_fill", default="edge",
                    help="what the new border starts as: edge, reflect or R,G,B")
+    i.add_argument("--inpaint-fill", dest="inpaint_fill", choices=("original", "fill", "noise", "zeros"),
+                   default="original", help="what the masked region starts from below strength 1 (AUTOMATIC1111's "
+                   "masked content: original, fill, latent noise, latent nothing)")
+    h = gen.add_argument_group("hires fix (a second pass at a larger size, as AUTOMATIC1111's)")
+    h.add_argument("--hires", metavar="WxH", help="the second pass's size (the first pass is --width x --height)")
+    h.add_argument("--hires-strength", dest="hires_strength", type=float, default=0.7,
+                   help="denoising strength of the second pass")
+    h.add_argument("--hires-steps", dest="hires_steps", type=int, help="its steps (default: --steps)")
+    h.add_argument("--hires-upscaler", dest="hires_upscaler", default="Latent",
+                   help="Latent, Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), "
+                   "Latent (nearest) or Latent (nearest-exact)")
 
 
 def _add_conditioning_arguments(gen: argparse.ArgumentParser) -> None:
@@ -727,7 +763,10 @@ def _add_conditioning_arguments(gen: argparse.ArgumentParser) -> None:
 def _add_output_arguments(gen: argparse.ArgumentParser) -> None:
     o = gen.add_argument_group("output")
     o.add_argument("--out", default="outputs", help="a new .png file (one image) or a folder for numbered files "
-                   "(00000.png, 00001.png, ...: the next free numbers; nothing is ever overwritten)")
+                   "(00000.png, 00001.png, ...: the next free numbers; nothing is ever overwritten). Under torchrun, "
+                   "and with --prompts-file into a folder holding a run.json, it is a batch run: the processes share "
+                   "the prompts, image j of the run (prompt by prompt) is numbered j, images already there are "
+                   "skipped (the same command again resumes), and DIR/manifest.jsonl lists them all")
     o.add_argument("--max-pixels", dest="max_pixels", type=_positive_int, default=MAX_PIXELS, metavar="N",
                    help="the most pixels one call may make, width x height x batch (an outpainting canvas counts "
                    "too): a bound checked before anything is allocated; raise it where memory allows")
@@ -786,6 +825,78 @@ def _add_convert(sub) -> None:
     convert.set_defaults(run=cmd_convert)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from . import settings as config
+    from .server import config as server_config
+    from .server.serve import serve_forever
+
+    model, _ = config.resolve_model(args.model)
+    c = server_config.ServerConfig(
+        host=args.host, port=args.port, model=model, refiner=args.refiner,
+        models_dirs=[Path(d).expanduser() for d in args.models_dirs],
+        lora_dirs=config.folders("lora", args.lora_dirs), embedding_dirs=config.folders("embedding", args.embedding_dirs),
+        devices=server_config.parse_devices(args.devices), dtype=args.dtype,
+        users=server_config.parse_users(args.api_auth), api_keys=list(args.api_key),
+        outputs=None if args.no_save else Path(args.outputs).expanduser(), max_queue=args.max_queue,
+        max_pixels=args.max_pixels, max_steps=args.max_steps, max_batch=args.max_batch,
+        taesd=Path(args.taesd).expanduser() if args.taesd else None,
+        allow_download=config.allow_download(args.allow_download))
+    if c.taesd is not None and not c.taesd.is_file():
+        raise FileNotFoundError(f"--taesd {c.taesd}: no such file")
+    if args.ray:
+        try:
+            from .ray_app import ClusterConfig, serve_on_ray
+        except ImportError:
+            raise ValueError("--ray needs Ray Serve: pip install 'sdxl[ray]'") from None
+        return serve_on_ray(c, args.ray, ClusterConfig(min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                                                       gpus_per_replica=args.gpus_per_replica))
+    return serve_forever(c)
+
+
+def _add_serve(sub) -> None:
+    from .server import config as c
+
+    serve = sub.add_parser(
+        "serve", help="serve AUTOMATIC1111's and OpenAI's image APIs (and a web UI) over HTTP",
+        description="Serve AUTOMATIC1111's /sdapi/v1 API and OpenAI's Images API (/v1/images/...) on one port, "
+        "with a job queue, one worker per device, live previews and Prometheus /metrics. Listens on localhost "
+        "only unless --host says otherwise; --api-auth / --api-key protect every route. Ctrl-C stops it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("--host", default=c.DEFAULT_HOST, help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=c.DEFAULT_PORT)
+    serve.add_argument("--model", help="the model served first (default: $SDXL_MODEL, the config file, else builtin)")
+    serve.add_argument("--models-dir", dest="models_dirs", action="append", default=[], metavar="DIR",
+                       help="a folder of .safetensors models (and diffusers folders) requests may choose by name")
+    serve.add_argument("--refiner", help="a refiner requests get by default")
+    serve.add_argument("--lora-dir", dest="lora_dirs", action="append", metavar="DIR", help="a folder of LoRAs")
+    serve.add_argument("--embedding-dir", dest="embedding_dirs", action="append", metavar="DIR",
+                       help="a folder of textual-inversion embeddings")
+    serve.add_argument("--devices", default="cpu", help="cpu | cuda:0,cuda:1 | all | cpu,cpu: one worker each")
+    serve.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="weights dtype (default: float32)")
+    serve.add_argument("--api-auth", action="append", default=[], metavar="USER:PASS[,USER:PASS]",
+                       help="HTTP Basic users (what AUTOMATIC1111 clients send)")
+    serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                       help="a Bearer key (what OpenAI clients send)")
+    out = serve.add_mutually_exclusive_group()
+    out.add_argument("--outputs", default="outputs", metavar="DIR", help="where generated images are saved")
+    out.add_argument("--no-save", action="store_true", help="keep no images on disk")
+    serve.add_argument("--max-queue", type=_positive_int, default=c.DEFAULT_MAX_QUEUE, help="jobs waiting at most")
+    serve.add_argument("--max-pixels", type=_positive_int, default=c.DEFAULT_MAX_PIXELS,
+                       help="width x height x batch of one call")
+    serve.add_argument("--max-steps", type=_positive_int, default=c.DEFAULT_MAX_STEPS)
+    serve.add_argument("--max-batch", type=_positive_int, default=c.DEFAULT_MAX_BATCH)
+    serve.add_argument("--taesd", metavar="FILE", help="a TAESD/TAESDXL decoder file for sharper live previews")
+    serve.add_argument("--allow-download", action="store_true", help="let --model download a Hub repo")
+    ray = serve.add_argument_group("a Ray cluster (pip install 'sdxl[ray]')")
+    ray.add_argument("--ray", metavar="ADDRESS", help="serve on a Ray cluster: auto, ray://HOST:10001, or local; one "
+                     "model replica per GPU")
+    ray.add_argument("--min-replicas", type=int, default=1, help="GPU replicas kept up when idle (0: scale to zero)")
+    ray.add_argument("--max-replicas", type=_positive_int, default=1, help="GPU replicas at most, autoscaled on "
+                     "queued jobs")
+    ray.add_argument("--gpus-per-replica", type=float, default=1.0, help="GPUs per replica (0: CPU replicas)")
+    serve.set_defaults(run=cmd_serve)
+
+
 def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="sdxl",
@@ -816,10 +927,11 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
     train.add_argument("args", nargs=argparse.REMAINDER)
     train.set_defaults(run=cmd_train)
     _add_convert(sub)
+    _add_serve(sub)
     return parser
 
 
-COMMANDS = ("info", "generate", "samplers", "train", "convert")
+COMMANDS = ("info", "generate", "samplers", "train", "convert", "serve")
 
 
 def main(argv: list[str] | None = None) -> int:

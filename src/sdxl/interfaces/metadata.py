@@ -51,7 +51,7 @@ OPTION_KEYS = (
     "guidance_rescale", "sampler", "schedule", "seed", "batch", "init_image", "strength", "mask", "mask_blur",
     "outpaint", "outpaint_fill", "refiner_switch", "original_size", "crop_top_left", "target_size",
     "negative_original_size", "negative_crop_top_left", "negative_target_size", "aesthetic_score",
-    "negative_aesthetic_score", "clip_skip", "vae_tiling", "emphasis", "loras",
+    "negative_aesthetic_score", "clip_skip", "vae_tiling", "emphasis", "loras", "inpaint_fill", "hires",
 )  # GenerationOptions' fields but `output` (what a call returns, not how an image is made)
 MODEL_KEYS = ("model", "refiner", "vae", "variant", "dtype", "device", "fp8")
 RUN_KEYS = (*MODEL_KEYS, "store_paths")
@@ -60,6 +60,8 @@ CROP_KEYS = ("crop_top_left", "negative_crop_top_left")
 TUPLE_KEYS = (*SIZE_KEYS, *CROP_KEYS, "outpaint", "outpaint_fill")  # stored as JSON lists, used as tuples
 FILE_KEYS = ("init_image", "mask")
 HASH_KEYS = {"model": "model_hash", "refiner": "refiner_hash", "vae": "vae_hash"}
+# sdxl's inpaint_fill in AUTOMATIC1111's words ("Masked content"; "original" is its default, left out)
+INPAINT_FILL_WORDS = {"fill": "fill", "noise": "latent noise", "zeros": "latent nothing"}
 
 
 # -- command-line formats -> settings
@@ -140,9 +142,17 @@ def settings_from_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
         s["outpaint"] = parse_ints("--outpaint", s["outpaint"], 4, ",", "LEFT,TOP,RIGHT,BOTTOM pixels, e.g. 0,0,256,0")
     s["outpaint_fill"] = parse_outpaint_fill(s["outpaint_fill"] or "edge")
     s["clip_skip"] = s["clip_skip"] or None  # 0 and None both mean SDXL's own (penultimate) layer
+    s["inpaint_fill"] = s["inpaint_fill"] or "original"
+    s["hires"] = _hires_from_flags(flags) if s["hires"] else None
     s["loras"] = [parse_lora(text) for text in s["loras"] or ()]
     s["store_paths"] = bool(s["store_paths"])
     return s
+
+
+def _hires_from_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
+    width, height = parse_ints("--hires", flags["hires"], 2, "x", "WIDTHxHEIGHT, e.g. 1536x1536")
+    return {"width": width, "height": height, "strength": flags.get("hires_strength", 0.7),
+            "steps": flags.get("hires_steps"), "upscaler": flags.get("hires_upscaler") or "Latent"}
 
 
 def _flag(key: str) -> str:
@@ -188,6 +198,11 @@ def generation_options(settings: Mapping[str, Any], prompt: str | None = None, i
     fields.update(images if images is not None else input_images(settings))
     if fields.get("crop_top_left") is None:
         fields["crop_top_left"] = (0, 0)
+    if isinstance(fields.get("hires"), Mapping):
+        from ..options import HiresFix
+
+        fields["hires"] = HiresFix(**fields["hires"])
+    fields["inpaint_fill"] = fields.get("inpaint_fill") or "original"
     return GenerationOptions(**fields)
 
 
@@ -245,7 +260,11 @@ def infotext(settings: Mapping[str, Any]) -> str:
         (label["model"], model_label(s.get("model"))),
         (label["vae_hash"], s.get("vae_hash") if s.get("vae") else None),
         (label["vae"], model_label(s.get("vae"))),
-        (label["strength"], s.get("strength") if s.get("init_image") else None),  # A1111: img2img only
+        (label["strength"], s.get("strength") if s.get("init_image") else (s.get("hires") or {}).get("strength")),
+        (label["hires_resize"], f"{s['hires']['width']}x{s['hires']['height']}" if s.get("hires") else None),
+        (label["hires_steps"], (s.get("hires") or {}).get("steps")),
+        (label["hires_upscaler"], (s.get("hires") or {}).get("upscaler")),
+        (label["inpaint_fill"], INPAINT_FILL_WORDS.get(s.get("inpaint_fill")) if s.get("mask") else None),
         (label["clip_skip"], a1111.clip_skip_to_a1111(s.get("clip_skip"))),
         (label["guidance_rescale"], s.get("guidance_rescale") or None),
         (label["emphasis"], a1111.EMPHASIS.get(s.get("emphasis"), s.get("emphasis"))
@@ -358,11 +377,32 @@ def settings_from_infotext(text: str, skip: frozenset[str] = frozenset()) -> tup
         s[HASH_KEYS[key]] = fields.pop(label[HASH_KEYS[key]], None)
     if s["vae"] in FOOOCUS_NO_VAE:
         s["vae"] = None
+    _hires_from_infotext(fields, s)
+    if (fill := fields.pop(label["inpaint_fill"], None)) is not None:
+        s["inpaint_fill"] = {v: k for k, v in INPAINT_FILL_WORDS.items()}.get(str(fill), "original")
     if refiner := fields.pop(label["refiner"], None):
         match = re.fullmatch(r"(.*?)\s*\[([0-9a-fA-F]+)\]", refiner)  # A1111: "name [short hash]"
         s["refiner"], s["refiner_hash"] = (match.group(1), match.group(2)) if match else (refiner, None)
     ignored = [key for key in fields if key not in A1111_INFORMATIONAL]
     return {k: v for k, v in s.items() if k not in skip and v is not None}, ignored
+
+
+def _hires_from_infotext(fields: dict[str, Any], s: dict[str, Any]) -> None:
+    """A1111's "Hires resize: WxH" (or "Hires upscale: X" times the size), "Hires steps", "Hires upscaler"; its
+    "Denoising strength" is then the second pass's."""
+    label = a1111.LABELS
+    resize, scale = fields.pop(label["hires_resize"], None), fields.pop("Hires upscale", None)
+    steps, upscaler = fields.pop(label["hires_steps"], None), fields.pop(label["hires_upscaler"], None)
+    if resize is None and scale is None:
+        return
+    if resize is not None:
+        width, height = _size_from("'Hires resize'", resize)
+    else:
+        factor = _number("'Hires upscale'", scale, float)
+        width, height = int(s.get("width", 0) * factor) // 8 * 8, int(s.get("height", 0) * factor) // 8 * 8
+    s["hires"] = {"width": width, "height": height, "strength": s.pop("strength", 0.7),
+                  "steps": _number("'Hires steps'", steps, int) if steps is not None else None,
+                  "upscaler": str(upscaler or "Latent")}
 
 
 FOOOCUS_INFORMATIONAL = ("version", "metadata_scheme", "created_by", "prompt", "negative_prompt", "styles",
@@ -432,11 +472,14 @@ _TYPES: dict[str, tuple[Any, str]] = {
     "ltrb?": (_optional(_ints(4)), "[left, top, right, bottom] or null"),
     "fill": (lambda v: v in ("edge", "reflect") or _ints(3)(v), '"edge", "reflect" or [R, G, B]'),
     "loras": (lambda v: isinstance(v, list) and all(_is_lora(x) for x in v), "a list of [name, weight, weight]"),
+    "hires?": (_optional(lambda v: isinstance(v, dict) and set(v) <= {"width", "height", "strength", "steps",
+                                                                       "upscaler"}),
+               "an object of width, height, strength, steps and upscaler, or null"),
     "hashes": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in (*v, *v.values())),
                "an object of names and hashes"),
 }
 STORED_TYPES = {
-    **dict.fromkeys(("prompt", "negative_prompt", "sampler", "schedule", "emphasis"), "text"),
+    **dict.fromkeys(("prompt", "negative_prompt", "sampler", "schedule", "emphasis", "inpaint_fill"), "text"),
     **dict.fromkeys(("prompt_2", "negative_prompt_2", "init_image", "mask", *MODEL_KEYS[:-1], "sdxl_version",
                      *HASH_KEYS.values()), "text?"),
     **dict.fromkeys(("steps", "seed", "batch", "batch_index"), "int"),
@@ -447,7 +490,7 @@ STORED_TYPES = {
     **dict.fromkeys(("fp8", "vae_tiling", "store_paths"), "bool"),
     **dict.fromkeys((*SIZE_KEYS, "negative_crop_top_left"), "pair?"),
     "crop_top_left": "pair", "size": "pair", "outpaint": "ltrb?", "outpaint_fill": "fill", "loras": "loras",
-    "lora_hashes": "hashes",
+    "lora_hashes": "hashes", "hires": "hires?",
 }
 
 
