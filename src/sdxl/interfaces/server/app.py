@@ -208,8 +208,8 @@ async def events(server: Server, job, request: Request, previews: bool):
             png = await asyncio.to_thread(server.preview_png, job)
             if png:
                 yield f"event: preview\ndata: data:image/png;base64,{base64.b64encode(png).decode()}\n\n"
-        if job.state not in ("queued", "running"):
-            yield f"event: done\ndata: {json.dumps(status)}\n\n"
+        if job.state not in ("queued", "running"):  # read once more: it may have ended since `status` was read
+            yield f"event: done\ndata: {json.dumps(status_of(server, job))}\n\n"
             return
         if await request.is_disconnected():
             return
