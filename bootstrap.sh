@@ -12,7 +12,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check "torch==${SDXL_TORCH_VERSION:-2.13.0}"
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extra:+[$extra]}"
   if [ "$extra" = test ]; then  # references whose own dependencies the tests do not need (see pyproject.toml)
-    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps k-diffusion==0.1.1.post1 torchdiffeq==0.2.5
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps k-diffusion==0.1.1.post1 torchdiffeq==0.2.5 \
+      lpips==0.1.4
   fi
   touch "$stamp"
 fi

@@ -63,6 +63,7 @@ def test_the_model_recommends_its_guidance_scale(pipe):
     assert np.array_equal(default, three) and not np.array_equal(default, five)
 
 
+@pytest.mark.slow  # ~90 s on 2 CPU cores: 168 prompts
 def test_images_follow_the_prompt(pipe):
     # All 168 prompts at the native 64x64 with the default settings (30 euler steps, the recommended cfg), seed = index.
     results = [judge(generate(pipe, *p, seed=i), *p) for i, p in enumerate(all_prompts())]

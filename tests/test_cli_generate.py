@@ -66,18 +66,38 @@ def test_generate_writes_pngs_with_parameters_equal_to_the_python_api(tiny_model
 
 
 def test_bf16_hint_only_where_it_pays():
-    from sdxl.acceleration import cpu_has_bf16_matrix_units
+    from sdxl.acceleration import cpu_bf16_speedup, cpu_has_bf16_matrix_units
     from sdxl.interfaces.cli import bf16_hint
 
     assert isinstance(cpu_has_bf16_matrix_units(), bool)
+    assert cpu_bf16_speedup() > 0  # measured: a ratio of two timings
 
     full = 2_567_463_684  # SDXL base U-Net
-    assert "--dtype bf16" in bf16_hint("cpu", "fp32", False, full, True)
-    assert bf16_hint("cpu", "fp32", True, full, True) is None  # float32 asked for
-    assert bf16_hint("cuda", "fp32", False, full, True) is None
-    assert bf16_hint("cpu", "bf16", False, full, True) is None
-    assert bf16_hint("cpu", "fp32", False, 3_000_000, True) is None  # a tiny model
-    assert bf16_hint("cpu", "fp32", False, full, False) is None  # no bfloat16 matrix units
+    asked = []
+
+    def fast() -> float:
+        asked.append(1)
+        return 3.0
+
+    assert "--dtype bf16" in bf16_hint("cpu", "fp32", False, full, fast) and "3.0x" in bf16_hint("cpu", "fp32", False, full, fast)
+    assert bf16_hint("cpu", "fp32", False, full, lambda: 1.2) is None  # measured too small a gain (emulated bf16)
+    asked.clear()
+    assert bf16_hint("cpu", "fp32", True, full, fast) is None  # float32 asked for
+    assert bf16_hint("cuda", "fp32", False, full, fast) is None
+    assert bf16_hint("cpu", "bf16", False, full, fast) is None
+    assert bf16_hint("cpu", "fp32", False, 3_000_000, fast) is None  # a tiny model
+    assert not asked  # the measurement runs only where the note could be printed
+
+
+def test_memory_hint_suggests_low_memory_when_the_weights_do_not_fit(tmp_path):
+    from sdxl.interfaces.cli import memory_hint
+
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"\0" * 1000)
+    assert "--low-memory" in memory_hint([f, None], None, False, 1500)  # float32: twice the float16 file
+    assert memory_hint([f], "bf16", False, 1500) is None
+    assert memory_hint([f], None, True, 1500) is None  # already asked for
+    assert memory_hint([f], None, False, None) is None  # unknown
 
 
 def test_generate_to_a_named_file_and_from_the_environment(tiny_model, tmp_path):

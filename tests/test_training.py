@@ -227,6 +227,7 @@ def _train_worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # ~60 s: torchrun clusters of 2
 def test_fsdp_matches_ddp_and_resumes_exactly(data, tmp_path):
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
@@ -292,7 +293,8 @@ def test_config_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="unknown key"):
         load_config(_text(tmp_path / "typo.yml", "init: tiny\ndata: d\nlerning_rate: 1\n"))
     for example in sorted((ROOT / "configs").glob("*.toml")):
-        load_config(example)  # the shipped examples parse
+        if not example.name.startswith("vae_"):  # the VAE trainer's (tests/test_training_vae.py reads those)
+            load_config(example)  # the shipped examples parse
 
 
 def _text(path: Path, text: str) -> Path:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -294,9 +294,10 @@ class PromptCache:
 
     Entries are keyed by the models' identities; `clear()` when their weights change (text-encoder LoRAs)."""
 
-    def __init__(self, size: int = 16):
+    def __init__(self, size: int = 16, before_encode: Callable[[Components], None] | None = None):
         self.size = size
         self.entries: OrderedDict = OrderedDict()  # key -> (context, pooled), oldest first
+        self.before_encode = before_encode  # called before the encoders run (a miss): e.g. to read them back in
 
     def clear(self) -> None:
         self.entries.clear()
@@ -308,6 +309,8 @@ class PromptCache:
         if key in self.entries:
             self.entries.move_to_end(key)
             return self.entries[key]
+        if self.before_encode is not None:
+            self.before_encode(parts)
         result = encode_prompt(parts, prompt, prompt_2, hidden_layer=hidden_layer, emphasis=emphasis,
                                embeddings=embeddings)
         self.entries[key] = result

@@ -49,8 +49,18 @@ from torch import Tensor
 
 from . import images as imaging
 from . import sampling
-from .acceleration import Offload, check_modes, compile_unet, execution_device, store_fp8
+from .acceleration import (
+    BF16_WORTH,
+    QUANTISED,
+    Offload,
+    check_modes,
+    compile_unet,
+    cpu_bf16_speedup,
+    execution_device,
+    store_quantised,
+)
 from .adapters.library import EMBEDDING_SUFFIXES, LORA_SUFFIXES, Active, Embeddings, Library
+from .checkpoints import resident
 from .checkpoints.paths import resolve_path
 from .conditioning import Conditioning, PromptCache, Schedule, scheduled_conditioning
 from .latents import Inpaint, PrecisionWarning, decode_latents, encode_image, initial_noise, inpaint_start
@@ -244,8 +254,9 @@ class Pipeline:
 
     def __init__(self, base: Components, refiner: Components | None = None, *, compile: bool | str = False,
                  offload: str | None = None, device: torch.device | str | None = None, fp8: bool = False,
+                 quantise: str | None = None,
                  lora_dirs: Sequence[str | Path] = (), embedding_dirs: Sequence[str | Path] = (),
-                 allow_adapter_paths: bool = True):
+                 allow_adapter_paths: bool = True, release_text_encoders: bool = False):
         """compile: torch.compile the U-Nets' forward (True, or a torch.compile mode name), compiled on
         the first image of each size and reused after; see `sdxl.acceleration.compile_unet`.
         offload: "model" or "sequential" keeps the weights in CPU memory and copies a component
@@ -253,17 +264,28 @@ class Pipeline:
         `sdxl.acceleration.Offload`. device: where offloaded components run (default: where the
         U-Net's weights are now); without offload every component runs where its weights are.
         fp8: keep the U-Nets' linear-layer weights in float8 (`sdxl.acceleration.store_fp8`): about
-        half a float16 U-Net's memory, images close to (not equal to) the plain ones.
+        half a float16 U-Net's memory, images close to (not equal to) the plain ones. quantise: the same with
+        another format, "fp8" or "int8" (`acceleration.Int8Linear`: as small, 5x faster to widen on the CPU).
         lora_dirs / embedding_dirs: where `<lora:NAME:W>` tags and `loras=[(NAME, W)]` find LoRA files, and where
         textual-inversion embeddings (used by their file names in prompts) are. allow_adapter_paths: whether
         `loras` may name files by path (a server that takes requests from others says False).
+        release_text_encoders: free the text encoders' weights once a call's prompts are encoded and read them
+        again from the file when a new prompt comes (`sdxl.checkpoints.resident`; the low-memory mode): the same
+        conditioning, less memory while sampling, a second or two of reading per new prompt.
         """
         for name, parts in (("model", base), ("refiner", refiner)):
             if parts is not None and (parts.unet is None or parts.vae is None or parts.text_encoder_2 is None):
                 raise ValueError(f"the {name} needs a U-Net, a VAE and the OpenCLIP bigG text encoder")
         check_modes(compile, offload)
+        quantise = quantise or ("fp8" if fp8 else None)
+        if quantise is not None and quantise not in QUANTISED:
+            raise ValueError(f"quantise must be one of {', '.join(QUANTISED)} or None, got {quantise!r}")
+        if release_text_encoders and offload is not None:
+            raise ValueError("release_text_encoders and offload do not combine (offload keeps every weight in "
+                             "CPU memory); use one of them")
         self.base, self.refiner = base, refiner
-        self.prompts = PromptCache(size=16)  # text conditionings kept for repeated prompts
+        self.release_text_encoders = release_text_encoders
+        self.prompts = PromptCache(size=16, before_encode=self._restore_encoders)  # repeated prompts encoded once
         self.lora_library = Library(lora_dirs, LORA_SUFFIXES, kind="LoRA", aliases=True)
         self.embedding_library = Library(embedding_dirs, EMBEDDING_SUFFIXES, kind="embedding")
         self.allow_adapter_paths = allow_adapter_paths
@@ -272,9 +294,9 @@ class Pipeline:
         self.last_loras: list[tuple[str, Path, float, float]] = []  # (name, file, U-Net, text-encoder weight)
         self._embeddings: dict[int, Embeddings] = {}
         stages = [p for p in (base, refiner) if p is not None]
-        if fp8:  # first: offload pins, and compile traces, the float8 tensors
+        if quantise:  # first: offload pins, and compile traces, the quantised tensors (no-op if loaded so)
             for parts in stages:
-                store_fp8(parts.unet)
+                store_quantised(parts.unet, quantise)
         self.offload: Offload | None = None
         if offload is not None:
             components = [m for p in stages for m in (p.text_encoder, p.text_encoder_2, p.unet, p.vae) if m is not None]
@@ -366,6 +388,8 @@ class Pipeline:
     def _prepare(self, o: GenerationOptions, model: Components) -> tuple[GenerationOptions, Embeddings | None]:
         """The adapters this call asks for merged into `model` (the last call's taken out), its embeddings."""
         o, loras = self.resolve_loras(o)
+        if loras or self.adapters.applied is not None:
+            self._restore_encoders(model)  # adapters merge into (and restore) the weights themselves
         if self.adapters.set(model, [(path, u, t) for _, path, u, t in loras]):
             self.prompts.clear()  # the text encoders' weights changed
         self.last_loras = loras
@@ -414,6 +438,20 @@ class Pipeline:
         up = upscale_latents(x, h.width // 8, h.height // 8, h.upscaler)
         return self._run(second.replace(init_latents=up, width=None, height=None), hooks, model, refiner, progress)
 
+    def _restore_encoders(self, parts: Components) -> None:
+        for name in ("text_encoder", "text_encoder_2"):
+            if resident.is_released(getattr(parts, name)):
+                resident.restore(getattr(parts, name), parts.origins[name])
+
+    def _release_encoders(self, parts: Components) -> None:
+        """With release_text_encoders: the encoders' weights freed until the next prompt (not while an adapter
+        is merged into them: it would be lost)."""
+        applied = self.adapters.applied
+        if self.release_text_encoders and (applied is None or not applied.touches_text_encoders):
+            for name in ("text_encoder", "text_encoder_2"):
+                if getattr(parts, name) is not None:
+                    resident.release(getattr(parts, name), parts.origins.get(name))
+
     def _decode(self, x: Tensor, model: Components, o: GenerationOptions):
         if o.output == "latent":
             return x
@@ -448,6 +486,7 @@ class Pipeline:
         # CFG++ needs the unconditional prediction at every guidance scale (its scale is usually <= 1)
         cond = scheduled_conditioning(parts, o, run.width, run.height, self.prompts, embeddings=run.embeddings,
                                       negative=o.cfg > 1 or cfg_pp)
+        self._release_encoders(parts)
         nine = inpaint is not None and parts.unet.config.in_channels == 9
         extra = torch.cat([inpaint.mask, inpaint.masked_latents], dim=1) if nine else None
         model_fn = guided_unet(parts.unet, cond, o.cfg, o.guidance_rescale, extra, uncond=cfg_pp, calls=run.calls)
@@ -533,24 +572,40 @@ def _stages(model: Components, refiner: Components | None, o: GenerationOptions,
 def load(model: str | Path, refiner: str | Path | None = None, *, device=None, dtype=None,
          vae: str | Path | None = None, variant: str | None = None, compile: bool | str = False,
          offload: str | None = None, fp8: bool = False, progress: Callable[[str], None] | None = None,
-         lora_dirs: Sequence[str | Path] = (), embedding_dirs: Sequence[str | Path] = ()) -> Pipeline:
+         lora_dirs: Sequence[str | Path] = (), embedding_dirs: Sequence[str | Path] = (),
+         low_memory: bool = False, quantise: str | None = None) -> Pipeline:
     """Load a model (and a refiner) into a `Pipeline`.
 
     model / refiner: an official-layout single file, a diffusers folder, a built-in model name ("builtin",
     "builtin-refiner"), or a Hub repo id already in the local cache. device / dtype: torch objects or strings
     ("cuda", "fp16", ...; default CPU and float32). vae: a VAE file (or diffusers VAE folder) used instead of the
-    models' own, e.g. a VAE fixed for float16. compile / offload / fp8: see `Pipeline`; with offload the weights
+    models' own, e.g. a VAE fixed for float16. compile / offload / fp8 / quantise: see `Pipeline`; with offload the weights
     are loaded into CPU memory and run on `device`. progress(name) is called as each model is loaded ("unet",
-    "vae", ...). lora_dirs / embedding_dirs: see `Pipeline`.
+    "vae", ...). lora_dirs / embedding_dirs: see `Pipeline`. With fp8 / quantise the U-Nets are quantised as they
+    are read, so they never exist in `dtype` whole.
+
+    low_memory: for a machine with little memory (a full-size SDXL at 512x512 in about 4 GiB on the CPU): 8-bit
+    U-Net weights (int8 on the CPU, fp8 on a GPU), the text encoders released after each prompt (`Pipeline(release_text_encoders=True)`), and, where
+    dtype is not given, bfloat16 on a CPU that runs it faster than float32 (docs/low-memory.md says what each saves).
     """
     from .checkpoints.load import load as load_components
     from .checkpoints.load import load_vae
 
     check_modes(compile, offload)  # before the slow part
+    if quantise is not None and quantise not in QUANTISED:
+        raise ValueError(f"quantise must be one of {', '.join(QUANTISED)} or None, got {quantise!r}")
+    if low_memory:
+        dtype = dtype if dtype is not None else auto_dtype(device)
+        quantise = quantise or ("fp8" if fp8 else low_memory_format(device))
+    elif isinstance(dtype, str) and dtype == "auto":
+        dtype = auto_dtype(device)
     device = torch.device(device) if device is not None else None
     run_on, device = (device, None) if offload is not None else (None, device)  # offload: weights stay in CPU memory
-    base = load_components(resolve_path(model), dtype=dtype, device=device, variant=variant, progress=progress)
-    second = (load_components(resolve_path(refiner), dtype=dtype, device=device, variant=variant,
+    quantise = quantise or ("fp8" if fp8 else None)
+    formats = {"unet": quantise} if quantise else None
+    base = load_components(resolve_path(model), dtype=dtype, device=device, variant=variant, progress=progress,
+                           quantise=formats)
+    second = (load_components(resolve_path(refiner), dtype=dtype, device=device, variant=variant, quantise=formats,
                               progress=progress and (lambda name: progress(f"refiner {name}"))) if refiner else None)
     if vae is not None:
         replacement = load_vae(resolve_path(vae), dtype=dtype, device=device)
@@ -559,5 +614,20 @@ def load(model: str | Path, refiner: str | Path | None = None, *, device=None, d
         base.vae = replacement
         if second is not None:
             second.vae = replacement
-    return Pipeline(base, second, compile=compile, offload=offload, device=run_on, fp8=fp8, lora_dirs=lora_dirs,
-                    embedding_dirs=embedding_dirs)
+    return Pipeline(base, second, compile=compile, offload=offload, device=run_on, quantise=quantise, lora_dirs=lora_dirs,
+                    embedding_dirs=embedding_dirs, release_text_encoders=low_memory and offload is None)
+
+
+def low_memory_format(device: torch.device | str | None) -> str:
+    """The U-Net's weight format in low-memory mode: int8 on the CPU (widened 5x faster than float8 there), fp8
+    elsewhere (GPUs widen either fast, and some multiply float8 natively)."""
+    return "int8" if device is None or torch.device(device).type == "cpu" else "fp8"
+
+
+def auto_dtype(device: torch.device | str | None) -> torch.dtype:
+    """`dtype="auto"`: float16 on a GPU (what SDXL tools run there; an official VAE that overflows is decoded in
+    float32), bfloat16 on a CPU where it measures `BF16_WORTH` times faster than float32, else float32."""
+    kind = torch.device(device).type if device is not None else "cpu"
+    if kind == "cpu":
+        return torch.bfloat16 if cpu_bf16_speedup() >= BF16_WORTH else torch.float32
+    return torch.float16

@@ -1,7 +1,7 @@
 """Where one of our tensors lives in a model, read and written in float32, and what putting it back takes.
 
-A plain parameter or buffer is one tensor; the weight of an `FP8Linear` is two (`weight_fp8` and its
-per-row `scale`): it is read de-quantised and written re-quantised the way `store_fp8` quantises.
+A plain parameter or buffer is one tensor; the weight of a `QuantisedLinear` (fp8, int8) is two (`weight_fp8` or
+`weight_int8`, and its per-row `scale`): it is read de-quantised and written re-quantised as its layer quantises.
 Writes copy into the existing tensors, so parameters stay the same objects at the same addresses
 (a compiled U-Net does not recompile, CUDA graphs stay valid, offloaded weights stay pinned).
 
@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
 
-from ..acceleration import FP8Linear
+from ..acceleration import QuantisedLinear
 from ..checkpoints.keymap import CheckpointError
 from ..checkpoints.load import Origin, tensor_states
 
@@ -34,8 +33,8 @@ class Slot:
         path, _, leaf = name.rpartition(".")
         self.name = name
         self.module = model.get_submodule(path) if path else model
-        self.fp8 = isinstance(self.module, FP8Linear) and leaf == "weight"
-        self.attrs = ("weight_fp8", "scale") if self.fp8 else (leaf,)
+        self.fp8 = isinstance(self.module, QuantisedLinear) and leaf == "weight"  # fp8 or int8
+        self.attrs = (self.module.stored, "scale") if self.fp8 else (leaf,)
         if not isinstance(getattr(self.module, self.attrs[0], None), Tensor):
             raise AttributeError(f"{type(model).__name__} has no tensor {name}")
 
@@ -52,7 +51,7 @@ class Slot:
             out = torch.empty(self.shape, dtype=torch.float32, device=device)
         if self.fp8:
             m = self.module
-            out.copy_(m.weight_fp8)  # exact: every float8 value is a float32 value
+            out.copy_(getattr(m, m.stored))  # exact: every float8 and int8 value is a float32 value
             return out.mul_(m.scale.to(device, torch.float32))
         return out.copy_(getattr(self.module, self.attrs[0]).detach())
 
@@ -64,14 +63,10 @@ class Slot:
 
     def _stored(self, value: Tensor) -> tuple[Tensor, ...]:
         """What the slot's tensors hold for the weight `value`: itself (converted as it is copied in), or for fp8 its
-        quantisation as store_fp8 quantises a weight of the layer's dtype (FP8Linear.__init__)."""
+        quantisation as its layer quantises a weight of the layer's dtype."""
         if not self.fp8:
             return (value,)
-        scale = self.module.scale
-        linear = SimpleNamespace(weight=value.to(scale.dtype), bias=None, in_features=value.shape[1],
-                                 out_features=value.shape[0])
-        q = FP8Linear(linear)
-        return q.weight_fp8, q.scale
+        return type(self.module).quantise(value.to(self.module.scale.dtype))
 
     def keep(self, origin: Origin | None) -> Saved:
         """What putting the tensor back as it is now takes: nothing but `origin` where reading it again from there

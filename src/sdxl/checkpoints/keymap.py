@@ -108,11 +108,14 @@ def convert(
     where: str,
     ignore: Iterable[str] = (),
     allow_unused: bool = False,
+    finish: Callable[[str, Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Apply `rules` to `tensors` (a file's name -> tensor mapping, possibly lazy).
 
     `ignore` holds regular expressions for file entries that are not weights (buffers such as
-    `position_ids`); anything else the rules don't use is an error unless `allow_unused`.
+    `position_ids`); anything else the rules don't use is an error unless `allow_unused`. `finish(target,
+    tensor)` is applied to each result as it is made (a dtype conversion, a quantisation), so that no more than
+    one tensor exists in the file's form at a time.
     """
     needed = {s for r in rules for s in r.sources}
     missing = needed - set(tensors.keys())
@@ -127,7 +130,7 @@ def convert(
     for r in rules:
         parts = [tensors[s] for s in r.sources]
         try:
-            out[r.target] = r.load(parts)
+            out[r.target] = r.load(parts) if finish is None else finish(r.target, r.load(parts))
         except RuntimeError:  # e.g. q/k/v of different widths cannot be fused
             shapes = ", ".join(f"{s} {tuple(t.shape)}" for s, t in zip(r.sources, parts))
             raise CheckpointError(f"{where}: tensor(s) of the wrong shape: {shapes}") from None

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import dtypes
+from ..acceleration import QUANTISED, quantised_weight_names, store_quantised, trim_memory
 from ..models import vae as vae_models
 from ..models.clip import CLIPTextEncoder
 from ..models.specs import MODEL_CLASSES, Components
@@ -117,17 +118,34 @@ def _check_floats(state: Mapping[str, Tensor], model: nn.Module, where: str) -> 
 
 
 def build_with_origin(model_cls: type[nn.Module], config, tensors: Mapping[str, Tensor], rules: KeyMap, *, where: str,
-                      ignore: tuple[str, ...] = (), dtype=None, device=None) -> tuple[nn.Module, Origin | None]:
-    """`build`, and the model's `Origin` (None unless `tensors` is a safetensors file or a prefix of one)."""
+                      ignore: tuple[str, ...] = (), dtype=None, device=None,
+                      quantise: str | None = None) -> tuple[nn.Module, Origin | None]:
+    """`build`, and the model's `Origin` (None unless `tensors` is a safetensors file or a prefix of one).
+
+    quantise ("fp8", "int8"): the linear layers' weights are quantised as they are read (the layers of
+    `acceleration.store_quantised`, filled tensor by tensor), so the model never exists in `dtype` whole."""
     dtype, device = _device_dtype(dtype, device)
     _choose_reads(tensors, dtype, device)
     with torch.device("meta"):
         model = model_cls(config)
-    state = convert(tensors, rules, where=where, ignore=ignore)
+    layer = QUANTISED[quantise] if quantise else None
+    quantised, scales = set(quantised_weight_names(model) if layer else ()), {}
+
+    def finish(name: str, v: Tensor) -> Tensor:  # one at a time: each stored-dtype copy is freed as it is converted
+        v = v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+        if name in quantised and v.is_floating_point() and v.dim() == 2:
+            v, scales[name] = layer.quantise(v)
+        return v
+
+    state = convert(tensors, rules, where=where, ignore=ignore, finish=finish)
     check_shapes(state, model, where=where, rules=rules)
-    _check_floats(state, model, where)
-    for k, v in state.items():  # one at a time, so each stored-dtype copy is freed as its conversion is made
-        state[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+    _check_floats({k: v for k, v in state.items() if k not in scales}, model, where)  # quantised: were floats
+    if scales:
+        store_quantised(model, quantise)  # on the meta device: the layers' structure; their tensors come from `state`
+        for name, scale in scales.items():
+            prefix = name.removesuffix("weight")
+            state[prefix + layer.stored], state[prefix + "scale"] = state.pop(name), scale
+        trim_memory()  # the float copies quantising made, freed into glibc's heaps: given back before the next model
     model.load_state_dict(state, strict=True, assign=True)
     model = model.eval().requires_grad_(False)
     source, prefix = (tensors.tensors, tensors.prefix) if isinstance(tensors, Prefixed) else (tensors, "")
@@ -307,17 +325,20 @@ def load_single_file(
     device: torch.device | str | None = None,
     components: tuple[str, ...] | None = None,
     progress: Callable[[str], None] | None = None,
+    quantise: Mapping[str, str] | None = None,
 ) -> Components:
     """Load an official-layout SDXL file (base, refiner or a fine-tune of either).
 
-    progress(name) is called after each component is loaded (e.g. to advance a progress bar)."""
+    progress(name) is called after each component is loaded (e.g. to advance a progress bar). quantise: component
+    ("unet", ...) -> weight format ("fp8", "int8") of its linear layers, quantised as they are read."""
     path = Path(path)
     return load_official_tensors(open_tensors(path), path, dtype=dtype, device=device, components=components,
-                                 progress=progress)
+                                 progress=progress, quantise=quantise)
 
 
 def load_official_tensors(tensors, path: Path, *, dtype=None, device=None, components=None,
-                          progress: Callable[[str], None] | None = None) -> Components:
+                          progress: Callable[[str], None] | None = None,
+                          quantise: Mapping[str, str] | None = None) -> Components:
     """`load_single_file` for an opened file (a TensorFile, or a manifest of meta tensors in tests)."""
     desc = describe_tensors(tensors, path)
     if desc.layout != "single-file":
@@ -336,6 +357,7 @@ def load_official_tensors(tensors, path: Path, *, dtype=None, device=None, compo
         model, origin = build_with_origin(
             MODEL_CLASSES[name], configs[name], Prefixed(tensors, prefix), rules,
             where=f"{path} ({name}, {prefix}*)", ignore=ignore, dtype=dtype, device=device,
+            quantise=(quantise or {}).get(name),
         )
         setattr(out, name, model)
         if origin is not None:
@@ -428,12 +450,12 @@ def _clip_part(folder: Path, variant: str | None) -> Part:
 DIFFUSERS_PARTS = {"unet": _unet_part, "vae": _vae_part, "text_encoder": _clip_part, "text_encoder_2": _clip_part}
 
 
-def _load_part(name: str, folder: str | Path, *, dtype=None, device=None,
-               variant: str | None = None) -> tuple[nn.Module, Origin | None]:
+def _load_part(name: str, folder: str | Path, *, dtype=None, device=None, variant: str | None = None,
+               quantise: str | None = None) -> tuple[nn.Module, Origin | None]:
     folder = Path(folder)
     model_cls, config, tensors, rules, ignore = DIFFUSERS_PARTS[name](folder, variant)
     return build_with_origin(model_cls, config, tensors, rules, where=str(folder), ignore=ignore, dtype=dtype,
-                             device=device)
+                             device=device, quantise=quantise)
 
 
 def load_unet_diffusers(folder: str | Path, *, dtype=None, device=None, variant: str | None = None) -> UNet:
@@ -465,8 +487,10 @@ def load_diffusers(
     variant: str | None = None,
     components: tuple[str, ...] | None = None,
     progress: Callable[[str], None] | None = None,
+    quantise: Mapping[str, str] | None = None,
 ) -> Components:
-    """Load a diffusers-format SDXL folder (model_index.json, unet/, vae/, text_encoder*/)."""
+    """Load a diffusers-format SDXL folder (model_index.json, unet/, vae/, text_encoder*/); quantise: see
+    `load_single_file`."""
     folder = Path(folder)
     kind, parts = diffusers_components(folder)
     unet_config = folder / "unet" / "config.json"
@@ -484,7 +508,8 @@ def load_diffusers(
         out.scheduler = read_json(scheduler)
     for name in parts:
         if components is None or name in components:
-            model, origin = _load_part(name, folder / name, dtype=dtype, device=device, variant=variant)
+            model, origin = _load_part(name, folder / name, dtype=dtype, device=device, variant=variant,
+                                       quantise=(quantise or {}).get(name))
             setattr(out, name, model)
             if origin is not None:
                 out.origins[name] = origin
@@ -500,14 +525,16 @@ def load(
     device: torch.device | str | None = None,
     variant: str | None = None,
     progress: Callable[[str], None] | None = None,
+    quantise: Mapping[str, str] | None = None,
 ) -> Components:
     """Load any SDXL checkpoint: an official-layout single file or a diffusers folder.
 
-    progress(name) is called after each component (unet, vae, text_encoder, text_encoder_2) is loaded."""
+    progress(name) is called after each component (unet, vae, text_encoder, text_encoder_2) is loaded. quantise:
+    component -> weight format ("fp8", "int8") of its linear layers, quantised as they are read."""
     path = Path(path)
     if path.is_dir():
-        return load_diffusers(path, dtype=dtype, device=device, variant=variant, progress=progress)
-    return load_single_file(path, dtype=dtype, device=device, progress=progress)
+        return load_diffusers(path, dtype=dtype, device=device, variant=variant, progress=progress, quantise=quantise)
+    return load_single_file(path, dtype=dtype, device=device, progress=progress, quantise=quantise)
 
 
 def load_vae(path: str | Path, *, dtype: torch.dtype | str | None = None,

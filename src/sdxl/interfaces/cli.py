@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,13 +142,56 @@ def _peak_memory(device) -> tuple[int | None, str]:
 BF16_HINT_MIN_PARAMS = 500_000_000  # full-size U-Nets (SDXL base: 2.6 billion); small ones gain too little to say
 
 
-def bf16_hint(device_type: str, dtype_name: str, chosen: bool, unet_params: int, bf16_units: bool) -> str | None:
-    """The line that points a CPU user at --dtype bf16, where it pays: float32 by default (not asked
-    for), a full-size model, and a CPU with bfloat16 matrix units (`cpu_has_bf16_matrix_units`)."""
-    if chosen or device_type != "cpu" or dtype_name != "fp32" or unet_params < BF16_HINT_MIN_PARAMS or not bf16_units:
+def bf16_hint(device_type: str, dtype_name: str, chosen: bool, unet_params: int,
+              speedup: Callable[[], float]) -> str | None:
+    """The line that points a CPU user at --dtype bf16, where it pays: float32 by default (not asked for), a
+    full-size model, and a bfloat16 matrix product measured `BF16_WORTH` times faster than a float32 one on this
+    CPU (`acceleration.cpu_bf16_speedup`: AMX and AVX512-BF16 both qualify; asked only when the rest holds)."""
+    from ..acceleration import BF16_WORTH
+
+    if chosen or device_type != "cpu" or dtype_name != "fp32" or unet_params < BF16_HINT_MIN_PARAMS:
         return None
-    return ("note: this CPU multiplies bfloat16 matrices in hardware (AMX): --dtype bf16 runs a U-Net step 4 to 5 "
-            "times faster than float32 here, in half the memory (images differ slightly)")
+    measured = speedup()
+    if measured < BF16_WORTH:
+        return None
+    return (f"note: a bfloat16 matrix product ran {measured:.1f}x as fast as float32 on this CPU just now: "
+            "--dtype bf16 (or auto) makes a U-Net step several times faster in half the memory (images differ "
+            "slightly); --low-memory also keeps a full-size SDXL within about 4 GiB")
+
+
+LOW_MEMORY_MARGIN = 1.15  # weights x this against the memory available: activations, decoding, the interpreter
+
+
+def memory_hint(paths: Sequence[Path | None], dtype_name: str | None, low_memory: bool,
+                available: int | None) -> str | None:
+    """The line that suggests --low-memory when the weights would not fit the memory available (estimated from
+    the files' sizes: SDXL files are float16, half of float32)."""
+    if low_memory or available is None:
+        return None
+    stored = sum(_weights_bytes(p) for p in paths if p is not None)
+    need = stored * (2.0 if dtype_name in (None, "fp32") else 1.0) * LOW_MEMORY_MARGIN
+    if need <= available:
+        return None
+    return (f"note: the weights need about {need / 2**30:.1f} GiB and {available / 2**30:.1f} GiB are available: "
+            "--low-memory (float8 U-Net, text encoders freed after encoding) needs about 4 GiB for SDXL")
+
+
+def _weights_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors")) if path.is_dir() else 0
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux): what can be allocated without swapping; None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _note(message: str) -> None:
@@ -411,6 +455,12 @@ def _load_pipeline(args: argparse.Namespace, run: _Run):
 
     s, models = run.settings, run.models
     device = s["device"]  # checked in _plan
+    low_memory = bool(s.get("low_memory"))  # stored in the image, so --from-image makes the same pixels
+    if not low_memory and device in (None, "cpu"):
+        hint = memory_hint([m.path for m in models.values() if m is not None], s["dtype"], low_memory,
+                           available_memory())
+        if hint:
+            print(hint, file=sys.stderr)
     start = time.perf_counter()
     # One tick per model (unet, vae, text encoders; the refiner's too): a full-size file takes seconds per model.
     loading = tqdm(desc=f"loading {models['model'].name}", unit="model", leave=False, file=sys.stderr,
@@ -424,7 +474,7 @@ def _load_pipeline(args: argparse.Namespace, run: _Run):
         pipe = sdxl.load(models["model"].path, refiner=models["refiner"].path, device=device, dtype=s["dtype"],
                          vae=models["vae"].path, variant=s["variant"], compile=args.compile, offload=args.offload,
                          fp8=s["fp8"], progress=loaded_one, lora_dirs=run.lora_dirs,
-                         embedding_dirs=run.embedding_dirs)
+                         embedding_dirs=run.embedding_dirs, low_memory=low_memory)
     finally:
         loading.close()
     return pipe, time.perf_counter() - start
@@ -437,7 +487,7 @@ def _describe_models(run: _Run, pipe) -> dict[str, Any]:
     """What every image of the run stores about its models: stored names, A1111 hashes, dtype, device, version."""
     import sdxl
 
-    from ..acceleration import cpu_has_bf16_matrix_units
+    from ..acceleration import cpu_bf16_speedup
     from ..dtypes import short_name
     from . import hashes, metadata
 
@@ -446,7 +496,7 @@ def _describe_models(run: _Run, pipe) -> dict[str, Any]:
         s["cfg"] = pipe.recommended_cfg()
     dtype = short_name(pipe.dtype)
     hint = bf16_hint(pipe.device.type, dtype, s["dtype"] is not None,
-                     sum(t.numel() for t in pipe.base.unet.state_dict().values()), cpu_has_bf16_matrix_units())
+                     sum(t.numel() for t in pipe.base.unet.state_dict().values()), cpu_bf16_speedup)
     if hint:
         print(hint, file=sys.stderr)
 
@@ -455,6 +505,7 @@ def _describe_models(run: _Run, pipe) -> dict[str, Any]:
             _note(f"hashing {path.name} for its A1111 model hash (once: kept in {hashes.cache_path()})")
 
     described = {"variant": s["variant"], "dtype": dtype, "device": str(pipe.device), "fp8": s["fp8"],
+                 "low_memory": bool(s.get("low_memory")),
                  "sdxl_version": sdxl.__version__}
     for kind, model in run.models.items():
         key = metadata.HASH_KEYS[kind]
@@ -593,6 +644,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_main(args.args)
 
 
+def cmd_train_vae(args: argparse.Namespace) -> int:
+    from ..training.train_vae import main_config  # imports torch: only when training
+
+    return main_config(args.args)
+
+
+def cmd_fix_vae_fp16(args: argparse.Namespace) -> int:
+    from ..training.vae_fp16 import main as fix_main  # imports torch: only when fixing
+    from .outputs import create_new
+
+    return fix_main(args.args, publish=create_new)
+
+
 def cmd_samplers(args: argparse.Namespace) -> int:
     from .. import sampling
     from . import a1111
@@ -677,9 +741,14 @@ def _add_model_arguments(gen: argparse.ArgumentParser) -> None:
     m.add_argument("--allow-download", action="store_true",
                    help="download Hub repo ids that are not in the local cache (also SDXL_ALLOW_DOWNLOAD=1)")
     m.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cpu)")
-    m.add_argument("--dtype", choices=sorted(DTYPE_NAMES),
-                   help="weights' dtype (default: fp32; fp16 suits GPUs, bf16 CPUs with AMX units: 4 to 5 times "
-                   "faster than fp32 there)")
+    m.add_argument("--dtype", choices=[*sorted(DTYPE_NAMES), "auto"],
+                   help="weights' dtype (default: fp32, exact; fp16 suits GPUs; bf16 suits CPUs with AMX or "
+                   "AVX512-BF16: 3 to 5 times faster than fp32 there; auto: fp16 on a GPU, bf16 on a CPU where a "
+                   "quick measurement finds it faster, else fp32)")
+    m.add_argument("--low-memory", dest="low_memory", action="store_true",
+                   help="for machines with 8 GB or less: the U-Net's linear weights in float8, the text encoders "
+                   "freed after each prompt is encoded, bf16 where the CPU is fast at it (--dtype auto); a "
+                   "full-size SDXL at 512x512 in about 4 GiB, images close to the plain ones")
     m.add_argument("--compile", action="store_true",
                    help="torch.compile the U-Net: the first image of each size compiles (minutes; cached on disk "
                    "for later runs), the next ones are faster on a GPU (on the CPU it measured no faster)")
@@ -835,7 +904,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, model=model, refiner=args.refiner,
         models_dirs=[Path(d).expanduser() for d in args.models_dirs],
         lora_dirs=config.folders("lora", args.lora_dirs), embedding_dirs=config.folders("embedding", args.embedding_dirs),
-        devices=server_config.parse_devices(args.devices), dtype=args.dtype,
+        devices=server_config.parse_devices(args.devices), dtype=args.dtype, low_memory=args.low_memory,
         users=server_config.parse_users(args.api_auth), api_keys=list(args.api_key),
         outputs=None if args.no_save else Path(args.outputs).expanduser(), max_queue=args.max_queue,
         max_pixels=args.max_pixels, max_steps=args.max_steps, max_batch=args.max_batch,
@@ -872,7 +941,10 @@ def _add_serve(sub) -> None:
     serve.add_argument("--embedding-dir", dest="embedding_dirs", action="append", metavar="DIR",
                        help="a folder of textual-inversion embeddings")
     serve.add_argument("--devices", default="cpu", help="cpu | cuda:0,cuda:1 | all | cpu,cpu: one worker each")
-    serve.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="weights dtype (default: float32)")
+    serve.add_argument("--dtype", choices=[*sorted(DTYPE_NAMES), "auto"],
+                       help="weights dtype (default: float32; auto: fp16 on a GPU, bf16 on a CPU that is fast at it)")
+    serve.add_argument("--low-memory", dest="low_memory", action="store_true",
+                       help="as sdxl generate --low-memory: a full-size SDXL in about 4 GiB on the CPU")
     serve.add_argument("--api-auth", action="append", default=[], metavar="USER:PASS[,USER:PASS]",
                        help="HTTP Basic users (what AUTOMATIC1111 clients send)")
     serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
@@ -926,12 +998,25 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
     )
     train.add_argument("args", nargs=argparse.REMAINDER)
     train.set_defaults(run=cmd_train)
+    train_vae = sub.add_parser(
+        "train-vae", add_help=False, help="train or fine-tune the VAE from a TOML config (docs/training-vae.md)",
+        description="sdxl train-vae CONFIG [--resume PATH|latest] [--overwrite] [--steps N] [--output-dir DIR]",
+    )
+    train_vae.add_argument("args", nargs=argparse.REMAINDER)
+    train_vae.set_defaults(run=cmd_train_vae)
+    fix = sub.add_parser(
+        "fix-vae-fp16", add_help=False, help="make a VAE decode in float16 without overflowing (or --report-only)",
+        description="sdxl fix-vae-fp16 --vae IN.safetensors --out OUT.safetensors [--data DIR] [--steps N] "
+                    "[--report-only] (docs/vae-fp16.md)",
+    )
+    fix.add_argument("args", nargs=argparse.REMAINDER)
+    fix.set_defaults(run=cmd_fix_vae_fp16)
     _add_convert(sub)
     _add_serve(sub)
     return parser
 
 
-COMMANDS = ("info", "generate", "samplers", "train", "convert", "serve")
+COMMANDS = ("info", "generate", "samplers", "train", "train-vae", "fix-vae-fp16", "convert", "serve")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -945,6 +1030,10 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["train"]:  # the trainer parses its own arguments (--help included)
         return cmd_train(argparse.Namespace(args=argv[1:]))
+    if argv[:1] == ["train-vae"]:  # the VAE trainer parses its own arguments too
+        return cmd_train_vae(argparse.Namespace(args=argv[1:]))
+    if argv[:1] == ["fix-vae-fp16"]:  # parses its own arguments too (--help included)
+        return cmd_fix_vae_fp16(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
     args.argv = argv  # `generate --from-image` tells the flags given from the defaults
     import warnings

@@ -2,7 +2,7 @@
 
 "Settings" are a flat dict: the JSON-able fields of `sdxl.GenerationOptions` (OPTION_KEYS; sizes for
 micro-conditioning as (height, width), crops as (top, left), as in the Python API) and the run's model settings
-(RUN_KEYS: "model", "refiner", "vae", "variant", "dtype", "device", "fp8", "store_paths").
+(RUN_KEYS: "model", "refiner", "vae", "variant", "dtype", "device", "fp8", "low_memory", "store_paths").
 
 Each PNG that `sdxl generate` writes carries two text chunks:
 
@@ -53,7 +53,7 @@ OPTION_KEYS = (
     "negative_original_size", "negative_crop_top_left", "negative_target_size", "aesthetic_score",
     "negative_aesthetic_score", "clip_skip", "vae_tiling", "emphasis", "loras", "inpaint_fill", "hires",
 )  # GenerationOptions' fields but `output` (what a call returns, not how an image is made)
-MODEL_KEYS = ("model", "refiner", "vae", "variant", "dtype", "device", "fp8")
+MODEL_KEYS = ("model", "refiner", "vae", "variant", "dtype", "device", "fp8", "low_memory")
 RUN_KEYS = (*MODEL_KEYS, "store_paths")
 SIZE_KEYS = ("original_size", "target_size", "negative_original_size", "negative_target_size")
 CROP_KEYS = ("crop_top_left", "negative_crop_top_left")
@@ -467,6 +467,7 @@ _TYPES: dict[str, tuple[Any, str]] = {
     "number": (_is_number, "a number"),
     "number?": (_optional(_is_number), "a number or null"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "bool?": (_optional(lambda v: isinstance(v, bool)), "true, false or null"),
     "pair?": (_optional(_ints(2)), "a pair of integers or null"),
     "pair": (_ints(2), "a pair of integers"),
     "ltrb?": (_optional(_ints(4)), "[left, top, right, bottom] or null"),
@@ -480,7 +481,7 @@ _TYPES: dict[str, tuple[Any, str]] = {
 }
 STORED_TYPES = {
     **dict.fromkeys(("prompt", "negative_prompt", "sampler", "schedule", "emphasis", "inpaint_fill"), "text"),
-    **dict.fromkeys(("prompt_2", "negative_prompt_2", "init_image", "mask", *MODEL_KEYS[:-1], "sdxl_version",
+    **dict.fromkeys(("prompt_2", "negative_prompt_2", "init_image", "mask", *MODEL_KEYS[:-2], "sdxl_version",
                      *HASH_KEYS.values()), "text?"),
     **dict.fromkeys(("steps", "seed", "batch", "batch_index"), "int"),
     **dict.fromkeys(("width", "height", "clip_skip"), "int?"),
@@ -488,6 +489,7 @@ STORED_TYPES = {
                     "number"),
     **dict.fromkeys(("cfg", "refiner_switch"), "number?"),
     **dict.fromkeys(("fp8", "vae_tiling", "store_paths"), "bool"),
+    "low_memory": "bool?",  # images made before low-memory mode existed do not store it
     **dict.fromkeys((*SIZE_KEYS, "negative_crop_top_left"), "pair?"),
     "crop_top_left": "pair", "size": "pair", "outpaint": "ltrb?", "outpaint_fill": "fill", "loras": "loras",
     "lora_hashes": "hashes", "hires": "hires?",

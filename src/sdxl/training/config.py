@@ -16,7 +16,8 @@ from typing import Any
 
 from ..dtypes import NAMES
 
-OBJECTIVES = ("epsilon", "v_prediction")
+# "dpo": Diffusion-DPO (Wallace et al. 2023) on preference pairs, with epsilon prediction (SDXL's); docs/dpo.md.
+OBJECTIVES = ("epsilon", "v_prediction", "dpo")
 PRECISIONS = ("no", "bf16", "fp16")
 INITS = ("tiny", "tiny_refiner")
 SAVE_DTYPES = NAMES  # sdxl.dtypes: fp16, bf16, fp32
@@ -35,7 +36,9 @@ class TrainConfig:
     init: str | None = None
 
     # -- data (sdxl.training.data.ImageCaptionDataset: images with same-named .txt captions)
-    data: str = ""  # the image folder
+    # the image folder; objective = "dpo": the preference pairs (sdxl.training.pairs: a folder with pairs.jsonl, or
+    # Pick-a-Pic parquet files)
+    data: str = ""
     resolution: int = 1024  # target area is resolution^2; aspect-ratio buckets keep about that many pixels
     bucket_multiple: int = 64  # bucket sides are multiples of this (>= 8: the VAE downscales by 8)
     random_crop: bool = False  # random instead of centre crops; the crop goes into micro-conditioning
@@ -63,7 +66,12 @@ class TrainConfig:
     seed: int = 0  # model init (init=...), noise, timesteps, data order: the same seed gives the same run
 
     # -- diffusion objective
-    objective: str = "epsilon"  # what the U-Net predicts: "epsilon" (SDXL) or "v_prediction"
+    # what the U-Net predicts: "epsilon" (SDXL) or "v_prediction"; or "dpo": preference tuning on pairs
+    # (prompt, preferred image, rejected image) with epsilon prediction, as SDXL 1.0 was tuned from 0.9
+    objective: str = "epsilon"
+    # Diffusion-DPO's beta (KL strength; larger keeps the model nearer the reference): 5000, the paper's and its
+    # code's value for SDXL (SalesforceAIResearch/DiffusionDPO launchers/sdxl.sh, --beta_dpo 5000). dpo only.
+    dpo_beta: float = 5000.0
     offset_noise: float = 0.0  # per-channel constant noise added to eps (~0.05): lets models learn very dark/bright images
     # Min-SNR-gamma loss weighting (Hang et al. 2023, gamma ~5): faster convergence; None = plain MSE.
     min_snr_gamma: float | None = None
@@ -111,6 +119,10 @@ class TrainConfig:
     @property
     def lora(self) -> bool:
         return self.lora_rank > 0
+
+    @property
+    def dpo(self) -> bool:
+        return self.objective == "dpo"
 
     def to_toml(self) -> str:
         """The config as TOML text (None fields are left out: None is their default)."""
@@ -178,9 +190,10 @@ def _validate(c: TrainConfig) -> None:
         raise ValueError("give exactly one of `model` (a checkpoint to fine-tune) or `init` (build 'tiny' from scratch)")
     if c.init is not None:
         choose("init", INITS)
-    if not c.data:
-        raise ValueError("data must name the image folder to train on")
     choose("objective", OBJECTIVES)
+    if not c.data:
+        raise ValueError("data must name the preference pairs (a folder with pairs.jsonl, or parquet files)" if c.dpo
+                         else "data must name the image folder to train on")
     choose("mixed_precision", PRECISIONS)
     choose("save_dtype", SAVE_DTYPES)
     choose("parallel", PARALLEL)
@@ -219,15 +232,33 @@ def _validate(c: TrainConfig) -> None:
         raise ValueError("resume continues the run in output_dir and overwrite deletes it: give one of them")
     if c.cache_text and c.train_text_encoders:
         raise ValueError("cache_text needs frozen text encoders (train_text_encoders = false)")
+    if c.dpo:
+        _validate_dpo(c)
+
+
+def _validate_dpo(c: TrainConfig) -> None:
+    """What does not combine with objective = "dpo" (one line each)."""
+    if not c.dpo_beta > 0:
+        raise ValueError(f"dpo_beta must be > 0 (the paper's SDXL value is 5000), got {c.dpo_beta}")
+    if c.min_snr_gamma is not None:
+        raise ValueError("min_snr_gamma does not combine with objective = \"dpo\" (Diffusion-DPO weights all "
+                         "timesteps alike): leave it out")
+    if c.train_text_encoders:
+        raise ValueError("train_text_encoders does not combine with objective = \"dpo\" (its reference would need "
+                         "frozen copies of both text encoders): the U-Net trains alone")
+    if c.parallel == "fsdp":
+        raise ValueError("parallel = \"fsdp\" does not combine with objective = \"dpo\" (the frozen reference "
+                         "U-Net would not be sharded): use \"ddp\", or LoRA")
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading.
 
 
-def config_from_dict(values: dict[str, Any], where: str = "config") -> TrainConfig:
-    """A TrainConfig from a dict (parsed TOML); ValueError naming `where` and the bad field."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+def config_from_dict(values: dict[str, Any], where: str = "config", cls: type = TrainConfig) -> Any:
+    """A TrainConfig (or another config dataclass, `cls`) from a dict (parsed TOML); ValueError naming `where` and
+    the bad field."""
+    names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         import difflib
@@ -235,7 +266,7 @@ def config_from_dict(values: dict[str, Any], where: str = "config") -> TrainConf
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, names, 1)) else k for k in unknown]
         raise ValueError(f"{where}: unknown key(s) {', '.join(hints)}")
     try:
-        return TrainConfig(**values)
+        return cls(**values)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
@@ -244,6 +275,13 @@ def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
     """Read a training config, TOML (or YAML: .yaml / .yml, needs PyYAML); `overrides` replace fields (e.g. from
     the command line)."""
     path = Path(path)
+    values = read_config_values(path)
+    values.update(overrides)
+    return config_from_dict(values, where=str(path))
+
+
+def read_config_values(path: Path) -> dict[str, Any]:
+    """The `key = value` pairs of a flat TOML (or YAML) config file; ValueError naming the file."""
     if not path.is_file():
         raise ValueError(f"{path}: no such config file" if not path.exists() else f"{path}: not a file")
     data = path.read_bytes()
@@ -271,5 +309,4 @@ def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
     tables = [k for k, v in values.items() if isinstance(v, dict)]
     if tables:
         raise ValueError(f"{path}: unexpected table(s) [{'], ['.join(tables)}]; the config is flat `key = value` lines")
-    values.update(overrides)
-    return config_from_dict(values, where=str(path))
+    return values

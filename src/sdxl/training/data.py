@@ -99,6 +99,30 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) 
     )
 
 
+def fit_bucket(im: Image.Image, bucket: tuple[int, int], rng: random.Random | None
+               ) -> tuple[Image.Image, float, tuple[int, int], tuple[int, int]]:
+    """Resize `im` to cover the bucket (width, height) keeping its aspect ratio, and crop the bucket out of it
+    (SDXL sec. 2.3): a random window drawn from `rng`, or the centre one without. Returns (the crop, the scale s,
+    the resized (width, height), the crop's (top, left) in the resized image: c_crop)."""
+    w, h = im.size
+    bw, bh = bucket
+    s = max(bw / w, bh / h)
+    rw, rh = max(bw, round(w * s)), max(bh, round(h * s))
+    if (rw, rh) != (w, h):
+        im = im.resize((rw, rh), resample=Image.Resampling.LANCZOS)
+    if rng is not None:
+        top, left = rng.randint(0, rh - bh), rng.randint(0, rw - bw)
+    else:
+        top, left = (rh - bh) // 2, (rw - bw) // 2
+    return im.crop((left, top, left + bw, top + bh)), s, (rw, rh), (top, left)
+
+
+def to_tensor(im: Image.Image) -> Tensor:
+    """(3, H, W) float32 in [-1, 1] of an 8-bit RGB image: what the VAE encodes."""
+    a = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(a).permute(2, 0, 1).contiguous()
+
+
 # ---------------------------------------------------------------------------------------------
 # Examples and the data set.
 
@@ -307,19 +331,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         im = read_image(path)  # DataError naming the file if it became unreadable since the scan
         w, h = im.size
         bw, bh = self.bucket_of[i]
-
-        # Resize so the image covers the bucket, keeping its aspect ratio (SDXL sec. 2.3).
-        s = max(bw / w, bh / h)
-        rw, rh = max(bw, round(w * s)), max(bh, round(h * s))
-        if (rw, rh) != (w, h):
-            im = im.resize((rw, rh), resample=Image.Resampling.LANCZOS)
-
-        if self.random_crop:
-            top, left = rng.randint(0, rh - bh), rng.randint(0, rw - bw)
-        else:
-            top, left = (rh - bh) // 2, (rw - bw) // 2
+        im, s, (rw, _), (top, left) = fit_bucket(im, (bw, bh), rng if self.random_crop else None)
         flipped = self.flip and rng.random() < 0.5
-        im = im.crop((left, top, left + bw, top + bh))
         if flipped:
             # Mirroring the crop window too: the crop is then `left` pixels from the flipped image's left edge
             # counted from the other side.
@@ -333,10 +346,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             # (A file that is a resize of a whole, smaller original keeps its (0, 0).)
             source_left = original[1] - source_left - w
         caption = "" if rng.random() < self.caption_dropout else self.captions[i]
-
-        a = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
         return Example(
-            image=torch.from_numpy(a).permute(2, 0, 1).contiguous(),
+            image=to_tensor(im),
             caption=caption,
             original_size=original if original is not None else (h, w),
             crop_top_left=(round(source_top * s) + top, round(source_left * s) + left),

@@ -9,7 +9,8 @@
 A wrapped layer y = W x + b + (alpha / rank) * up(down(x)) keeps W and b under their own names
 (`to_q.weight`), so the model's state dict, and so `save_single_file`, are unchanged; the adapter
 adds `to_q.lora_down.weight` / `to_q.lora_up.weight`. `up` starts at zero: training starts from the
-base model exactly.
+base model exactly. `with adapters_off(unet):` runs the base model itself (Diffusion-DPO's frozen
+reference, with no second copy of the weights).
 
 Only what is particular to training lives here; the file names, formats and metadata (kohya's
 `ss_*` keys) are `sdxl.adapters`' (`adapters.write`, `adapters.keys`), and reading and merging any
@@ -18,8 +19,9 @@ adapter file is `adapters.read_adapter` / `adapters.apply`.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -46,8 +48,11 @@ class LoRALinear(nn.Module):
         self.lora_up = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))  # as nn.Linear / PEFT
         nn.init.zeros_(self.lora_up.weight)  # the update starts at zero
+        self.enabled = True  # False inside `adapters_off`: the base layer alone
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return F.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias) + self.lora_up(self.lora_down(x)) * self.scale
 
     def delta(self) -> Tensor:
@@ -83,6 +88,20 @@ def lora_layers(unet: nn.Module) -> dict[str, LoRALinear]:
 
 def lora_parameters(unet: nn.Module) -> list[nn.Parameter]:
     return [p for m in lora_layers(unet).values() for p in (m.lora_down.weight, m.lora_up.weight)]
+
+
+@contextlib.contextmanager
+def adapters_off(unet: nn.Module) -> Iterator[None]:
+    """Inside the block every LoRA layer of `unet` computes its base layer alone: the model as it was before
+    `add_lora`, exactly (the reference of preference tuning)."""
+    layers = list(lora_layers(unet).values())
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def remove_lora(unet: nn.Module, merge: bool = True) -> None:

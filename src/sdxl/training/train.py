@@ -10,11 +10,15 @@ One optimizer step:
         y       = cat(pooled bigG, emb(original_size, crop_top_left, target_size))  (refiner: ..., aesthetic)
         loss    = w(t) * |U-Net(x_t, t, context, y) - target|^2,  target = eps or v, w = min-SNR or 1
     AdamW step (clipped gradients, linear warm-up), EMA update.
+objective = "dpo" (Diffusion-DPO, docs/dpo.md) trains on preference pairs (sdxl.training.pairs) instead: both
+images of a pair share t and eps, and the loss compares the U-Net's errors on them with the frozen reference's
+(the base: LoRA with its adapters off, or a frozen copy of the U-Net for a full fine-tune); see `preference_loss`.
 
 Outputs under output_dir: checkpoints/step_NNNNNNN/ (model.safetensors in the official single-file
 layout, or lora_kohya.safetensors + lora_peft.safetensors; *_ema versions with ema_decay;
 state.safetensors + state.json + rng_rankR.safetensors for resuming), latest.txt (the newest
-checkpoint's folder name), loss.csv (one row per step, also after a resume), loss.png, config.toml,
+checkpoint's folder name), loss.csv (one row per step, also after a resume; with dpo a reward_accuracy column),
+loss.png, config.toml,
 log.txt (what happened: start, resume, data set scan with any unreadable images skipped, checkpoints, stops).
 
 Nothing lost, nothing silent:
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -67,6 +72,7 @@ from ..models.specs import Components
 from ..models.unet import TimestepSequential, UNet, micro_conditioning
 from ..sampling.schedules import TrainingSchedule
 from . import lora as lora_lib
+from . import pairs
 from .config import TrainConfig, load_config
 from .data import DataError
 
@@ -214,6 +220,8 @@ class Trainee(nn.Module):
 
 # loader(cfg, rank, world) -> (dataset, batch sampler with set_epoch, collate)
 Loader = Callable[[TrainConfig, int, int], tuple[Any, Any, Callable]]
+# reference(x_t, t, micro, (context, pooled)) -> the frozen reference's prediction (objective = "dpo")
+Reference = Callable[[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]], Tensor]
 
 
 def default_loader(cfg: TrainConfig, rank: int, world: int):
@@ -232,7 +240,7 @@ def default_loader(cfg: TrainConfig, rank: int, world: int):
 def _describe_data(ds, sampler) -> list[str]:
     """log.txt lines on the data set: images, unreadable ones skipped, images no batch ever holds."""
     batches = f", {len(sampler)} batch(es) per epoch per process" if hasattr(sampler, "__len__") else ""
-    lines = [f"data: {len(ds)} images{batches}"]
+    lines = [f"data: {getattr(ds, 'counted', f'{len(ds)} images')}{batches}"]
     skipped = getattr(ds, "skipped", [])
     if skipped:
         lines.append(f"data: {len(skipped)} unreadable image(s) skipped (skip_unreadable_images = true):")
@@ -348,32 +356,51 @@ class LatentCache(_PairCache):
 # The loss.
 
 
-def diffusion_loss(model: nn.Module, vae, batch: dict, cfg: TrainConfig, alphas: Tensor, gen: torch.Generator,
-                   n_micro: int, autocast, text: tuple[Tensor, Tensor] | None,
-                   moments: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    device = alphas.device
-    with torch.no_grad():  # the VAE is frozen: sample its posterior, scale as the pipeline does
+def _clean_latents(vae, batch: dict, gen: torch.Generator, device: torch.device,
+                   moments: tuple[Tensor, Tensor] | None) -> Tensor:
+    """x0: a sample of the frozen VAE's posterior of the batch's images, scaled as the pipeline does."""
+    with torch.no_grad():
         if moments is not None:  # cached (mean, std)
             mean, std = moments
             x0 = mean + std * torch.randn(mean.shape, generator=gen, device=device)
         else:
             x0 = vae.encode(batch["images"].to(device), sample=True, generator=gen).float()
-        x0 = vae.scale_latents(x0)
-    b = x0.shape[0]
-    t = torch.randint(cfg.timestep_min, cfg.timestep_max + 1, (b,), generator=gen, device=device)
-    noise = torch.randn(x0.shape, generator=gen, device=device)
-    if cfg.offset_noise > 0:  # a per-image, per-channel constant shift (Guttenberg 2023, "offset noise")
-        noise = noise + cfg.offset_noise * torch.randn((b, x0.shape[1], 1, 1), generator=gen, device=device)
-    a = alphas[t].view(b, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    target = noise if cfg.objective == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        return vae.scale_latents(x0)
 
+
+def _timesteps_and_noise(cfg: TrainConfig, shape: torch.Size, gen: torch.Generator,
+                         device: torch.device) -> tuple[Tensor, Tensor]:
+    """t uniform in [timestep_min, timestep_max] and eps ~ N(0, 1) (+ offset noise) for latents of `shape`."""
+    b = shape[0]
+    t = torch.randint(cfg.timestep_min, cfg.timestep_max + 1, (b,), generator=gen, device=device)
+    noise = torch.randn(shape, generator=gen, device=device)
+    if cfg.offset_noise > 0:  # a per-image, per-channel constant shift (Guttenberg 2023, "offset noise")
+        noise = noise + cfg.offset_noise * torch.randn((b, shape[1], 1, 1), generator=gen, device=device)
+    return t, noise
+
+
+def _micro(batch: dict, cfg: TrainConfig, n_micro: int, device: torch.device) -> Tensor:
+    """(B, 6) original size, crop, target size (base), or (B, 5) with the aesthetic score (refiner)."""
+    b = len(batch["original_size"])
     sizes = [batch["original_size"], batch["crop_top_left"]]
     if n_micro == 6:
         sizes.append(batch["target_size"])
     else:
         sizes.append(torch.full((b, 1), cfg.aesthetic_score))
-    micro = torch.cat([torch.as_tensor(s, dtype=torch.float32).reshape(b, -1) for s in sizes], dim=1).to(device)
+    return torch.cat([torch.as_tensor(s, dtype=torch.float32).reshape(b, -1) for s in sizes], dim=1).to(device)
+
+
+def diffusion_loss(model: nn.Module, vae, batch: dict, cfg: TrainConfig, alphas: Tensor, gen: torch.Generator,
+                   n_micro: int, autocast, text: tuple[Tensor, Tensor] | None,
+                   moments: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    device = alphas.device
+    x0 = _clean_latents(vae, batch, gen, device, moments)
+    b = x0.shape[0]
+    t, noise = _timesteps_and_noise(cfg, x0.shape, gen, device)
+    a = alphas[t].view(b, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    target = noise if cfg.objective == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    micro = _micro(batch, cfg, n_micro, device)
 
     with autocast():
         pred = model(x_t, t.float(), micro, captions=list(batch["captions"]), text=text)
@@ -383,6 +410,41 @@ def diffusion_loss(model: nn.Module, vae, batch: dict, cfg: TrainConfig, alphas:
         clipped = snr.clamp(max=cfg.min_snr_gamma)
         per_image = per_image * (clipped / snr if cfg.objective == "epsilon" else clipped / (snr + 1))
     return per_image.mean()
+
+
+def dpo_loss(model_w: Tensor, model_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """Diffusion-DPO's loss from per-pair denoising errors |eps - eps_theta(x_t, t)|^2 (means per sample) of the
+    preferred (w) and rejected (l) images under the model and the reference (Wallace et al. 2023, eq. 14, scaled
+    as SalesforceAIResearch/DiffusionDPO train.py does: -0.5 * beta, no timestep weighting):
+        loss = -log sigmoid(-beta / 2 * ((model_w - model_l) - (ref_w - ref_l)))   (mean over pairs)
+    and the implicit reward accuracy: the fraction of pairs whose margin (the sigmoid's argument) is > 0, as that
+    code counts it (so a model equal to its reference scores 0 and a loss of log 2)."""
+    inside = -0.5 * beta * ((model_w - model_l) - (ref_w - ref_l))
+    return -F.logsigmoid(inside).mean(), (inside > 0).float().mean()
+
+
+def preference_loss(model: nn.Module, reference: Reference, vae, batch: dict, cfg: TrainConfig, alphas: Tensor,
+                    gen: torch.Generator, n_micro: int, autocast, text: tuple[Tensor, Tensor],
+                    moments: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """(Diffusion-DPO loss, implicit reward accuracy) of a batch of B pairs (pairs.collate_pairs: the B preferred
+    images, then the B rejected; B captions, whose `text` conditions both images of a pair)."""
+    device = alphas.device
+    x0 = _clean_latents(vae, batch, gen, device, moments)  # (2B, C, h, w)
+    b = x0.shape[0] // 2
+    t, noise = _timesteps_and_noise(cfg, x0[:b].shape, gen, device)
+    t, noise = t.repeat(2), noise.repeat(2, 1, 1, 1)  # the same t and eps for both images of a pair
+    a = alphas[t].view(2 * b, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    micro = _micro(batch, cfg, n_micro, device)  # each image's own size and crop
+    text = (text[0].repeat(2, 1, 1), text[1].repeat(2, 1))
+
+    with autocast():
+        pred = model(x_t, t.float(), micro, text=text)
+    with torch.no_grad(), autocast():
+        ref = reference(x_t, t.float(), micro, text)
+    err = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+    ref_err = F.mse_loss(ref.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+    return dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], cfg.dpo_beta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,6 +705,7 @@ class TrainResult:
     checkpoint: Path | None  # the last checkpoint folder written
     components: Components  # the trained models (LoRA layers still wrapped)
     step: int
+    accuracies: list[float] = field(default_factory=list)  # objective = "dpo": each step's implicit reward accuracy
 
 
 @dataclass
@@ -675,6 +738,7 @@ class _Run:
     batches: Batches
     text_cache: TextCache | None
     latent_cache: LatentCache | None
+    reference: Reference | None = None  # objective = "dpo": the frozen base the preferences are measured against
     step: int = 0
     saved: tuple[int, Path] | None = None  # (step, folder) of the newest complete checkpoint, or the one resumed from
     checkpoint: Path | None = None  # the last checkpoint this run wrote
@@ -700,9 +764,24 @@ class _Run:
                               enabled=mixed != "no")
 
 
-def _trainable(cfg: TrainConfig, d: Dist) -> tuple[Components, Trainee, nn.Module]:
-    """The models with everything frozen but what trains (or LoRA-wrapped), and the module to call: the
-    trainee, DDP around it, or the trainee sharded in place by FSDP."""
+def _reference(cfg: TrainConfig, parts: Components, trainee: Trainee) -> Reference | None:
+    """objective = "dpo": the model before training. LoRA: the trained U-Net itself with its adapters switched off
+    (no second copy); a full fine-tune: a frozen copy of the U-Net as loaded (the memory of a second U-Net), taken
+    before any checkpoint is resumed and before gradient checkpointing wraps the blocks."""
+    if not cfg.dpo:
+        return None
+    if cfg.lora:
+        def base(x_t: Tensor, t: Tensor, micro: Tensor, text: tuple[Tensor, Tensor]) -> Tensor:
+            with lora_lib.adapters_off(trainee.unet):
+                return trainee(x_t, t, micro, text=text)
+        return base
+    frozen = Trainee(dataclasses.replace(parts, unet=copy.deepcopy(parts.unet).requires_grad_(False).eval()), False)
+    return lambda x_t, t, micro, text: frozen(x_t, t, micro, text=text)
+
+
+def _trainable(cfg: TrainConfig, d: Dist) -> tuple[Components, Trainee, nn.Module, Reference | None]:
+    """The models with everything frozen but what trains (or LoRA-wrapped), the module to call: the trainee, DDP
+    around it, or the trainee sharded in place by FSDP; and the DPO reference (else None)."""
     parts = build_components(cfg, d.device)
     unet = parts.unet
     if not cfg.lora:  # record the training resolution: the pipeline's default size for this model
@@ -719,18 +798,19 @@ def _trainable(cfg: TrainConfig, d: Dist) -> tuple[Components, Trainee, nn.Modul
         for te in (parts.text_encoder, parts.text_encoder_2):
             if te is not None:
                 te.requires_grad_(True).train()
+    trainee = Trainee(parts, cfg.train_text_encoders)
+    reference = _reference(cfg, parts, trainee)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(unet)
-    trainee = Trainee(parts, cfg.train_text_encoders)
     if _fsdp(cfg, d):
         shard_fsdp(trainee, d)  # (replaces the parameters by sharded ones: `params` are read after this)
-        return parts, trainee, trainee
+        return parts, trainee, trainee, reference
     if d.world > 1:
         return parts, trainee, nn.parallel.DistributedDataParallel(
             trainee, device_ids=[d.device.index] if d.device.type == "cuda" else None,
             find_unused_parameters=cfg.train_text_encoders,  # CLIP-L's last block feeds nothing SDXL uses
-        )
-    return parts, trainee, trainee
+        ), reference
+    return parts, trainee, trainee, reference
 
 
 def _start(cfg: TrainConfig, d: Dist, loader: Loader | None) -> _Run:
@@ -739,9 +819,9 @@ def _start(cfg: TrainConfig, d: Dist, loader: Loader | None) -> _Run:
     out = Path(cfg.output_dir)
     folder = _resume_folder(cfg) if cfg.resume else None
     torch.manual_seed(cfg.seed + d.rank)  # before the loader is built: a custom one may draw from it
-    data = (loader or default_loader)(cfg, d.rank, d.world)
+    data = (loader or (pairs.pair_loader if cfg.dpo else default_loader))(cfg, d.rank, d.world)
     after_data = torch.get_rng_state()
-    parts, trainee, model = _trainable(cfg, d)
+    parts, trainee, model, reference = _trainable(cfg, d)
     torch.manual_seed(cfg.seed + d.rank)  # the random streams as they were when the models were built first
     torch.set_rng_state(after_data)
     _claim_output(cfg, d)
@@ -758,6 +838,7 @@ def _start(cfg: TrainConfig, d: Dist, loader: Loader | None) -> _Run:
         batches=Batches(*data, num_workers=cfg.num_workers),
         text_cache=TextCache(out / "cache" / "text.safetensors") if cfg.cache_text else None,
         latent_cache=LatentCache(out / "cache" / f"latents_rank{d.rank}.safetensors") if cfg.cache_latents else None,
+        reference=reference,
     )
     _note(out, d, *_describe_data(data[0], data[1]))
     if folder is not None:
@@ -774,9 +855,10 @@ def _start(cfg: TrainConfig, d: Dist, loader: Loader | None) -> _Run:
 
 
 def _accumulate(run: _Run) -> Tensor:
-    """Forward and backward over cfg.grad_accum micro-batches; the summed (scaled) loss, on the device."""
+    """Forward and backward over cfg.grad_accum micro-batches; the summed (scaled) loss, on the device: a tensor
+    (1,), or (2,) with the mean reward accuracy (objective = "dpo")."""
     cfg, d, model = run.cfg, run.d, run.model
-    total = torch.zeros((), device=d.device)
+    total = torch.zeros(2 if cfg.dpo else 1, device=d.device)
     for micro in range(cfg.grad_accum):
         batch = next(run.batches)
         last = micro == cfg.grad_accum - 1
@@ -788,10 +870,17 @@ def _accumulate(run: _Run) -> Tensor:
             text = run.text_cache.get(run.trainee, list(batch["captions"]), d.device) if run.text_cache else None
             moments = (run.latent_cache.get(run.parts.vae, batch["images"], batch["views"], d.device)
                        if run.latent_cache else None)
-            loss = diffusion_loss(model, run.parts.vae, batch, cfg, run.alphas, run.gen, run.n_micro, run.autocast,
-                                  text, moments) / cfg.grad_accum
+            if cfg.dpo:  # (frozen text encoders: the captions are encoded once for the model and the reference)
+                text = text if text is not None else run.trainee.encode_text(list(batch["captions"]))
+                loss, accuracy = preference_loss(model, run.reference, run.parts.vae, batch, cfg, run.alphas, run.gen,
+                                                 run.n_micro, run.autocast, text, moments)
+                total[1] += accuracy / cfg.grad_accum
+            else:
+                loss = diffusion_loss(model, run.parts.vae, batch, cfg, run.alphas, run.gen, run.n_micro,
+                                      run.autocast, text, moments)
+            loss = loss / cfg.grad_accum
             (run.scaler.scale(loss) if run.scaler else loss).backward()
-        total += loss.detach()
+        total[0] += loss.detach()
     return total
 
 
@@ -814,9 +903,9 @@ def _optimizer_step(run: _Run) -> None:
                 run.ema[k].lerp_(p.detach().float(), 1.0 - cfg.ema_decay)
 
 
-def _commit(run: _Run, total: Tensor, log: _Log) -> float:
-    """The optimizer step on the accumulated gradients (at this step's learning rate), the step's loss (mean over
-    the processes) logged, and the next step's mark."""
+def _commit(run: _Run, total: Tensor, log: _Log) -> list[float]:
+    """The optimizer step on the accumulated gradients (at this step's learning rate), the step's loss (and reward
+    accuracy) logged and returned (means over the processes), and the next step's mark."""
     cfg = run.cfg
     lr = cfg.lr * min(1.0, (run.step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
     for group in run.opt.param_groups:
@@ -826,10 +915,10 @@ def _commit(run: _Run, total: Tensor, log: _Log) -> float:
     if run.d.world > 1:
         dist.all_reduce(total)
         total /= run.d.world
-    loss = total.item()
-    log.step(loss, lr)
+    values = total.tolist()
+    log.step(lr, *values)
     run.set_mark()
-    return loss
+    return values
 
 
 def _save(run: _Run) -> Path:
@@ -859,9 +948,9 @@ class _Log:
 
             self.bar = tqdm(total=run.cfg.steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True)
 
-    def step(self, loss: float, lr: float) -> None:
+    def step(self, lr: float, loss: float, *accuracy: float) -> None:
         run, cfg = self.run, self.run.cfg
-        self.rows.append((run.step, loss, lr))
+        self.rows.append((run.step, loss, lr, *accuracy))
         if run.step % cfg.log_every == 0 or run.step == cfg.steps:
             self.flush()
         if self.bar is not None:
@@ -878,8 +967,9 @@ class _Log:
         if run.d.main:
             _append_csv(run.out / "loss.csv", self.rows)
             if self.bar is not None:
-                images_per_step = cfg.batch_size * cfg.grad_accum * run.d.world
-                self.bar.set_postfix(loss=f"{sum(r[1] for r in self.rows) / len(self.rows):.4f}",
+                images_per_step = cfg.batch_size * cfg.grad_accum * run.d.world * (2 if cfg.dpo else 1)
+                accuracy = {"acc": f"{sum(r[3] for r in self.rows) / len(self.rows):.3f}"} if cfg.dpo else {}
+                self.bar.set_postfix(loss=f"{sum(r[1] for r in self.rows) / len(self.rows):.4f}", **accuracy,
                                      img_s=f"{rate * images_per_step:.1f}", mem=f"{_peak_memory_gb(run.d.device):.2f}G")
         self.rows = []
 
@@ -983,12 +1073,15 @@ def train(cfg: TrainConfig, *, loader: Loader | None = None, progress: bool = Tr
     run = _start(cfg, d, loader)
     log = _Log(run, progress)
     losses: list[float] = []
+    accuracies: list[float] = []
     with _Signals() as signals:
         try:
             while run.step < cfg.steps:
                 total = _accumulate(run)  # may be abandoned half-way: _stop rewinds to the step's mark
                 with signals.deferred():  # one signal never cuts an optimizer step or a save half-way
-                    losses.append(_commit(run, total, log))
+                    loss, *accuracy = _commit(run, total, log)
+                    losses.append(loss)
+                    accuracies += accuracy
                     if (cfg.save_every and run.step % cfg.save_every == 0) or run.step == cfg.steps:
                         _save(run)
         except (KeyboardInterrupt, DataError) as e:
@@ -996,7 +1089,7 @@ def train(cfg: TrainConfig, *, loader: Loader | None = None, progress: bool = Tr
         finally:
             log.close()
     _note(run.out, d, f"done at step {run.step}")
-    return TrainResult(losses, run.checkpoint, run.parts, run.step)
+    return TrainResult(losses, run.checkpoint, run.parts, run.step, accuracies)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1052,41 +1145,47 @@ def _claim_output(cfg: TrainConfig, d: Dist) -> None:
     _barrier(d)  # (before any process reads its cache there)
 
 
+CSV_COLUMNS = ["step", "loss", "lr"]  # objective = "dpo" adds reward_accuracy
+
+
 def _append_csv(path: Path, rows: list[tuple]) -> None:
     new = not path.exists()
     with path.open("a", newline="") as f:
         w = csv.writer(f)
         if new:
-            w.writerow(["step", "loss", "lr"])
-        w.writerows((s, f"{loss:.6g}", f"{lr:.6g}") for s, loss, lr in rows)
+            w.writerow(CSV_COLUMNS + (["reward_accuracy"] if rows and len(rows[0]) == 4 else []))
+        w.writerows((s, *(f"{v:.6g}" for v in values)) for s, *values in rows)
 
 
-def _loss_rows(path: Path) -> dict[int, str]:
-    """loss.csv's rows by step (a step logged twice keeps its last row); a row cut short by a kill is left out."""
+def _loss_rows(path: Path) -> tuple[str, dict[int, str]]:
+    """loss.csv's header and rows by step (a step logged twice keeps its last row); a row cut short by a kill (fewer
+    fields than the header names) is left out."""
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    header = lines[0] if lines else ",".join(CSV_COLUMNS)
     rows: dict[int, str] = {}
-    for line in path.read_text(errors="replace").splitlines()[1:] if path.is_file() else []:
+    for line in lines[1:]:
         fields = line.split(",")
         try:
-            step, _, _ = int(fields[0]), float(fields[1]), float(fields[2])
-        except (ValueError, IndexError):
+            step, _ = int(fields[0]), [float(v) for v in fields[1:]]
+        except ValueError:
             continue
-        if len(fields) == 3:
+        if len(fields) == len(header.split(",")):
             rows[step] = line
-    return rows
+    return header, rows
 
 
 def _trim_csv(path: Path, step: int) -> None:
     """Keep loss.csv's rows of steps up to `step`, once each: a run resumed from there logs the later ones again."""
     if path.is_file():
-        rows = _loss_rows(path)
-        _write_text(path, "step,loss,lr\n" + "".join(rows[s] + "\n" for s in sorted(rows) if s <= step))
+        header, rows = _loss_rows(path)
+        _write_text(path, header + "\n" + "".join(rows[s] + "\n" for s in sorted(rows) if s <= step))
 
 
 def _plot_csv(out: Path) -> None:
     path = out / "loss.csv"
     if not path.exists():
         return
-    rows = _loss_rows(path)
+    _, rows = _loss_rows(path)
     steps = sorted(rows)
     plot_losses(steps, [float(rows[s].split(",")[1]) for s in steps], out / "loss.png.tmp")
     os.replace(out / "loss.png.tmp", out / "loss.png")

@@ -25,6 +25,7 @@ class ServerConfig:
     embedding_dirs: list[Path] = field(default_factory=list)
     devices: list[str] = field(default_factory=lambda: ["cpu"])
     dtype: str | None = None
+    low_memory: bool = False  # sdxl.load(low_memory=True): 8-bit U-Net, text encoders freed between prompts
     users: dict[str, str] = field(default_factory=dict)  # --api-auth USER:PASS -> {user: password}
     api_keys: list[str] = field(default_factory=list)  # --api-key KEY (Bearer)
     outputs: Path | None = None  # where images are saved (None: --no-save)

@@ -74,7 +74,7 @@ class Runner:
             worker.pipe, worker.loaded = None, None  # free the old weights before loading the new ones
             c = self.config
             pipe = sdxl.load(wanted[0], refiner=wanted[1], vae=wanted[2], device=worker.device, dtype=c.dtype,
-                             lora_dirs=c.lora_dirs, embedding_dirs=c.embedding_dirs)
+                             lora_dirs=c.lora_dirs, embedding_dirs=c.embedding_dirs, low_memory=c.low_memory)
             pipe.allow_adapter_paths = False  # requests name LoRAs from the folders only
             pipe.lora_library.confined = pipe.embedding_library.confined = True
             pipe.max_pixels = c.max_pixels
@@ -96,7 +96,7 @@ class Runner:
 
         spec = job.spec
         described: dict[str, Any] = {"variant": None, "dtype": short_name(pipe.dtype), "device": str(pipe.device),
-                                     "fp8": False, "sdxl_version": sdxl.__version__}
+                                     "fp8": False, "low_memory": self.config.low_memory, "sdxl_version": sdxl.__version__}
         for kind, model in (("model", spec.model), ("refiner", spec.refiner), ("vae", spec.vae)):
             described[kind] = model.name if model else None
             described[metadata.HASH_KEYS[kind]] = model.short_hash() if model else None
