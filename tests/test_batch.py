@@ -131,6 +131,21 @@ def _kill_when(p: subprocess.Popen, folder: Path, images: int) -> None:
     for pid in [p.pid, *workers]:
         os.kill(pid, signal.SIGKILL)
     p.wait()
+    for pid in workers:  # a kill lands asynchronously: wait until each worker is gone (or a zombie), so that no
+        _wait_dead(pid)  # image it was linking into place appears after the caller looks
+
+
+def _wait_dead(pid: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not die within {timeout} s of SIGKILL")
 
 
 def test_a_killed_run_restarted_makes_only_the_missing_images(work, prompts, reference):
