@@ -584,9 +584,10 @@ def load(model: str | Path, refiner: str | Path | None = None, *, device=None, d
     "vae", ...). lora_dirs / embedding_dirs: see `Pipeline`. With fp8 / quantise the U-Nets are quantised as they
     are read, so they never exist in `dtype` whole.
 
-    low_memory: for a machine with little memory (a full-size SDXL at 512x512 in about 4 GiB on the CPU): 8-bit
-    U-Net weights (int8 on the CPU, fp8 on a GPU), the text encoders released after each prompt (`Pipeline(release_text_encoders=True)`), and, where
-    dtype is not given, bfloat16 on a CPU that runs it faster than float32 (docs/low-memory.md says what each saves).
+    low_memory: for a machine with little memory (a full-size SDXL at 512x512 in under 5 GiB on the CPU): 8-bit
+    U-Net weights (int8 on the CPU, fp8 on a GPU), the text encoders released after each prompt
+    (`Pipeline(release_text_encoders=True)`), and, where dtype is not given, bfloat16 on a CPU that runs it faster
+    than float32 (docs/low-memory.md says what each saves).
     """
     from .checkpoints.load import load as load_components
     from .checkpoints.load import load_vae

@@ -156,7 +156,7 @@ def bf16_hint(device_type: str, dtype_name: str, chosen: bool, unet_params: int,
         return None
     return (f"note: a bfloat16 matrix product ran {measured:.1f}x as fast as float32 on this CPU just now: "
             "--dtype bf16 (or auto) makes a U-Net step several times faster in half the memory (images differ "
-            "slightly); --low-memory also keeps a full-size SDXL within about 4 GiB")
+            "slightly); --low-memory also keeps a full-size SDXL under 5 GiB")
 
 
 LOW_MEMORY_MARGIN = 1.15  # weights x this against the memory available: activations, decoding, the interpreter
@@ -173,7 +173,7 @@ def memory_hint(paths: Sequence[Path | None], dtype_name: str | None, low_memory
     if need <= available:
         return None
     return (f"note: the weights need about {need / 2**30:.1f} GiB and {available / 2**30:.1f} GiB are available: "
-            "--low-memory (float8 U-Net, text encoders freed after encoding) needs about 4 GiB for SDXL")
+            "--low-memory (int8 U-Net, text encoders freed after encoding) needs under 5 GiB for SDXL at 512x512")
 
 
 def _weights_bytes(path: Path) -> int:
@@ -746,9 +746,9 @@ def _add_model_arguments(gen: argparse.ArgumentParser) -> None:
                    "AVX512-BF16: 3 to 5 times faster than fp32 there; auto: fp16 on a GPU, bf16 on a CPU where a "
                    "quick measurement finds it faster, else fp32)")
     m.add_argument("--low-memory", dest="low_memory", action="store_true",
-                   help="for machines with 8 GB or less: the U-Net's linear weights in float8, the text encoders "
+                   help="for machines with 8 GB or less: the U-Net's linear weights in int8, the text encoders "
                    "freed after each prompt is encoded, bf16 where the CPU is fast at it (--dtype auto); a "
-                   "full-size SDXL at 512x512 in about 4 GiB, images close to the plain ones")
+                   "full-size SDXL at 512x512 in under 5 GiB, images close to the plain ones")
     m.add_argument("--compile", action="store_true",
                    help="torch.compile the U-Net: the first image of each size compiles (minutes; cached on disk "
                    "for later runs), the next ones are faster on a GPU (on the CPU it measured no faster)")
@@ -944,7 +944,7 @@ def _add_serve(sub) -> None:
     serve.add_argument("--dtype", choices=[*sorted(DTYPE_NAMES), "auto"],
                        help="weights dtype (default: float32; auto: fp16 on a GPU, bf16 on a CPU that is fast at it)")
     serve.add_argument("--low-memory", dest="low_memory", action="store_true",
-                       help="as sdxl generate --low-memory: a full-size SDXL in about 4 GiB on the CPU")
+                       help="as sdxl generate --low-memory: a full-size SDXL in under 5 GiB on the CPU")
     serve.add_argument("--api-auth", action="append", default=[], metavar="USER:PASS[,USER:PASS]",
                        help="HTTP Basic users (what AUTOMATIC1111 clients send)")
     serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
