@@ -605,8 +605,9 @@ def load(model: str | Path, refiner: str | Path | None = None, *, device=None, d
     quantise = quantise or ("fp8" if fp8 else None)
     formats = {"unet": quantise} if quantise else None
     base = load_components(resolve_path(model), dtype=dtype, device=device, variant=variant, progress=progress,
-                           quantise=formats)
+                           quantise=formats, mapped=not low_memory)  # mapped pages would stay in the RSS
     second = (load_components(resolve_path(refiner), dtype=dtype, device=device, variant=variant, quantise=formats,
+                              mapped=not low_memory,
                               progress=progress and (lambda name: progress(f"refiner {name}"))) if refiner else None)
     if vae is not None:
         replacement = load_vae(resolve_path(vae), dtype=dtype, device=device)
