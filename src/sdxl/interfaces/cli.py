@@ -551,8 +551,9 @@ def _generate_images(args: argparse.Namespace, run: _Run, pipe, models: dict[str
             if path is None:
                 continue  # appeared meanwhile (another run into this folder): not made twice
             written.append({"path": str(path), "prompt": prompt, "seed": opts.seed + i})
-            if not args.json:
-                print(path, flush=True)
+            if not args.json:  # one write a line: processes sharing a stdout (torchrun runs python -u) never mix lines
+                sys.stdout.write(f"{path}\n")
+                sys.stdout.flush()
     return written, time.perf_counter() - start, steps_done[0]
 
 
