@@ -239,9 +239,11 @@ def test_replicas_scale_with_queued_jobs_between_min_and_max(cluster, config):
         return serve.status().applications["scaling"].deployments["SdxlReplica"].replica_states
 
     assert replicas() == {"RUNNING": 1}
-    body = {"prompt": PROMPT, "width": 64, "height": 64, "steps": 150, "cfg_scale": 3.0}  # a few seconds each
+    # ~6 s each on 2 idle cores: queued work outlasting a new replica's start (with 4 jobs of 150 steps an idle
+    # machine drained the queue first, and the replica went again before it was seen running)
+    body = {"prompt": PROMPT, "width": 64, "height": 64, "steps": 300, "cfg_scale": 3.0}
     ids = [requests.post(f"{cluster}/sdxl/v1/jobs/txt2img", json=dict(body, seed=i), timeout=30).json()["id"]
-           for i in range(4)]
+           for i in range(6)]
     wait_for(lambda: replicas() == {"RUNNING": 2}, 60, "a second replica for the queued jobs")
     for job_id in ids:
         requests.get(f"{cluster}/sdxl/v1/jobs/{job_id}/result", timeout=120).raise_for_status()
