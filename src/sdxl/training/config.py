@@ -8,6 +8,7 @@ The TOML file is flat (`key = value` lines, no tables); see configs/*.toml for c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -174,17 +175,25 @@ def _kind(annotation: str) -> str:
     return a + ("?" if optional else "")
 
 
-def _validate(c: TrainConfig) -> None:
+def check_types(c: Any) -> None:
+    """Every field of a config dataclass of the type its annotation says (one-line ValueError)."""
     for f in dataclasses.fields(c):
         _check_type(f.name, getattr(c, f.name), _kind(str(f.type)))
 
-    def choose(name: str, allowed: tuple[str, ...]) -> None:
-        if getattr(c, name) not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(c, name)!r}")
 
-    def at_least(name: str, low: float) -> None:
-        if getattr(c, name) < low:
-            raise ValueError(f"{name} must be >= {low}, got {getattr(c, name)!r}")
+def choose_value(c: Any, name: str, allowed: tuple[str, ...]) -> None:
+    if getattr(c, name) not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(c, name)!r}")
+
+
+def at_least_value(c: Any, name: str, low: float) -> None:
+    if getattr(c, name) < low:
+        raise ValueError(f"{name} must be >= {low}, got {getattr(c, name)!r}")
+
+
+def _validate(c: TrainConfig) -> None:
+    check_types(c)
+    choose, at_least = functools.partial(choose_value, c), functools.partial(at_least_value, c)
 
     if (c.model is None) == (c.init is None):
         raise ValueError("give exactly one of `model` (a checkpoint to fine-tune) or `init` (build 'tiny' from scratch)")

@@ -10,11 +10,12 @@ with the adaptive weight, Adam betas (0.5, 0.9); plus the EMA of the weights tha
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import _check_type, _kind, _toml_value, config_from_dict, read_config_values
+from .config import _toml_value, at_least_value, check_types, choose_value, config_from_dict, read_config_values
 
 INITS = ("builtin", "tiny")  # VAE sizes to train from scratch (sdxl.training.train_vae.INIT_CONFIGS)
 REC_LOSSES = ("l1", "l2")
@@ -102,16 +103,8 @@ class VAETrainConfig:
 
 
 def _validate(c: VAETrainConfig) -> None:
-    for f in dataclasses.fields(c):
-        _check_type(f.name, getattr(c, f.name), _kind(str(f.type)))
-
-    def choose(name: str, allowed: tuple[str, ...]) -> None:
-        if getattr(c, name) not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(c, name)!r}")
-
-    def at_least(name: str, low: float) -> None:
-        if getattr(c, name) < low:
-            raise ValueError(f"{name} must be >= {low}, got {getattr(c, name)!r}")
+    check_types(c)
+    choose, at_least = functools.partial(choose_value, c), functools.partial(at_least_value, c)
 
     if (c.model is None) == (c.init is None):
         raise ValueError("give exactly one of `model` (a VAE file to fine-tune) or `init` ('builtin' or 'tiny' "
