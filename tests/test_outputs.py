@@ -125,6 +125,21 @@ def test_numbered_files_take_the_next_free_number_even_when_another_run_takes_it
     assert target.written == [tmp_path / "out" / "00001.png", tmp_path / "out" / "00003.png"]
 
 
+def test_a_folder_another_run_creates_first_is_used_and_not_counted_as_ours(tmp_path, monkeypatch):
+    real_mkdir = Path.mkdir
+
+    def other_run_first(self, *args, **kwargs):  # the other run's mkdir lands between our check and ours
+        if self.name == "out":
+            real_mkdir(self)
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", other_run_first)
+    target = outputs.plan_images(str(tmp_path / "a" / "out"), 2)
+    assert target.created == [tmp_path / "a"]  # "out" is the other run's: never removed by us
+    target.discard()
+    assert (tmp_path / "a" / "out").is_dir()
+
+
 def test_a_named_file_that_appears_meanwhile_is_an_error_and_is_kept(tmp_path):
     target = outputs.plan_images(str(tmp_path / "one.png"), 1)
     (tmp_path / "one.png").write_bytes(b"someone else's")

@@ -175,7 +175,12 @@ def _make_folders(folder: Path, flag: str, value: str) -> list[Path]:
     created = []
     try:
         for p in reversed(missing):
-            p.mkdir()
+            try:
+                p.mkdir()
+            except FileExistsError:
+                if not p.is_dir():
+                    raise
+                continue  # another run made it between the check and here: it is not ours to remove
             created.append(p)
     except OSError as e:
         for p in reversed(created):
