@@ -46,6 +46,7 @@ def child(args: argparse.Namespace, folder: Path) -> dict:
     cfg = VAETrainConfig(model=str(folder / "vae.safetensors"), data=str(folder / "data"), resolution=args.size,
                          bucket_multiple=args.size, batch_size=args.batch, steps=10**6, perceptual_weight=float(args.lpips),
                          decoder_only=not args.full, discriminator=args.gan, disc_start=0,
+                         mixed_precision=args.mixed_precision,
                          output_dir=str(folder / "out"), **extra)
     run = tv._start(cfg, tv.Dist())
     for i in range(args.warmup + args.steps):
@@ -55,7 +56,7 @@ def child(args: argparse.Namespace, folder: Path) -> dict:
         tv._optimizer_step(run, values["lr"])
     seconds = time.perf_counter() - t0
     return {"preset": args.preset, "size": args.size, "batch": args.batch, "lpips": args.lpips, "gan": args.gan,
-            "decoder_only": not args.full, "threads": torch.get_num_threads(), "steps": args.steps,
+            "decoder_only": not args.full, "mixed_precision": args.mixed_precision, "threads": torch.get_num_threads(), "steps": args.steps,
             "s_per_step": round(seconds / args.steps, 3), "images_per_s": round(args.steps * args.batch / seconds, 2),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
@@ -70,6 +71,7 @@ def main() -> None:
     p.add_argument("--lpips", action="store_true")
     p.add_argument("--gan", action="store_true")
     p.add_argument("--full", action="store_true", help="train the encoder too")
+    p.add_argument("--mixed-precision", default="no", choices=("no", "bf16"), help="the config's mixed_precision")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 is faster on busy cores)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -168,24 +168,38 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, out: str) ->
     from safetensors.torch import save_file
 
     result = train(cfg, progress=False)
-    state = {k: v.contiguous() for k, v in result.components.unet.state_dict().items() if "lora_" in k}
+    lora = cfg.lora_rank > 0
+    state = {k: v.contiguous() for k, v in result.components.unet.state_dict().items() if "lora_" in k or not lora}
     save_file(state, f"{out}/rank{rank}.safetensors", metadata={"losses": json.dumps(result.losses)})
     dist.destroy_process_group()
 
 
-def test_ddp_two_processes_stay_in_sync(pairs, tmp_path):
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_ddp_two_processes_stay_in_sync(pairs, tmp_path, kind):
+    """Both processes end with the same weights (LoRA's adapters; a full fine-tune's whole U-Net, its frozen
+    reference copied from the unwrapped model in each), and the loss is the mean over both."""
     import torch.multiprocessing as mp
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    cfg = config(pairs, tmp_path / "run", batch_size=1, steps=2)
+    cfg = config(pairs, tmp_path / "run", batch_size=1, steps=2, **({"lora_rank": 0, "lr": 3e-4} if kind == "full"
+                                                                     else {}))
     mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
     assert r0 and all(torch.equal(r0[k], r1[k]) for k in r0)
-    assert any(r0[k].abs().max() > 0 for k in r0 if "lora_up" in k)  # it trained
+    if kind == "lora":
+        assert any(r0[k].abs().max() > 0 for k in r0 if "lora_up" in k)  # it trained
+    else:
+        from sdxl.training.train import build_components
+
+        start = build_components(cfg, torch.device("cpu")).unet.state_dict()
+        assert r0.keys() == start.keys() and any(not torch.equal(r0[k], start[k]) for k in r0)  # it trained
     with safe_open(str(tmp_path / "rank0.safetensors"), "pt") as f:
         losses = json.loads(f.metadata()["losses"])
-    assert losses[0] == LOG2 and losses[1] != LOG2  # (the mean over both processes)
+    if kind == "lora":
+        assert losses[0] == LOG2 and losses[1] != LOG2  # (the mean over both processes)
+    else:
+        assert losses[0] == pytest.approx(LOG2, abs=1e-3) and abs(losses[1] - LOG2) > 1e-3
 
 
 def test_config_errors(tmp_path):

@@ -101,6 +101,16 @@ def test_a_seed_repeats_and_equals_the_library(client):
     assert np.array_equal(a, np.asarray(mine.convert("RGB")))
 
 
+def test_openai_model_names_are_the_current_model(client):
+    """Apps written for OpenAI send its model names (often fixed): they get the server's current model."""
+    extra = {"seed": 7, "steps": 4}
+    plain = client.images.generate(prompt=PROMPT, size="64x64", extra_body=extra)
+    for name in ("dall-e-3", "gpt-image-1"):
+        r = client.images.generate(prompt=PROMPT, model=name, size="64x64", style="vivid", extra_body=extra)
+        assert np.array_equal(pixels(r.data[0].b64_json), pixels(plain.data[0].b64_json)), name
+    assert client.models.retrieve("dall-e-2").id == "builtin"
+
+
 def test_url_format_serves_the_saved_image(served, client):
     url, server = served
     r = client.images.generate(prompt=PROMPT, size="64x64", response_format="url", extra_body=FAST)
@@ -220,7 +230,7 @@ def test_errors_in_openai_shape(served, client):
     with pytest.raises(openai.BadRequestError, match="sed"):
         client.images.generate(prompt=PROMPT, extra_body={"sed": 1})  # a misspelt extra field is not ignored
     with pytest.raises(openai.NotFoundError) as missing:
-        client.images.generate(prompt=PROMPT, model="dall-e-3")
+        client.images.generate(prompt=PROMPT, model="sdxl-turbo-that-is-not-here")
     assert (missing.value.type, missing.value.param, missing.value.code) == ("invalid_request_error", "model",
                                                                              "model_not_found")
     wrong = openai.OpenAI(base_url=served[0] + "/v1", api_key="wrong", max_retries=0)

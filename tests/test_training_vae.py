@@ -167,6 +167,32 @@ def test_accumulation_equals_the_big_batch(shapes, tmp_path):
         torch.testing.assert_close(ga[k], gb[k], rtol=1e-4, atol=1e-6 * scale)
 
 
+@pytest.mark.parametrize("gan, cosine", [(False, 0.99), (True, 0.93)])
+def test_bf16_mixed_precision_computes_in_bf16_and_keeps_float32_weights(shapes, tmp_path, gan, cosine):
+    """mixed_precision = "bf16": the convolutions run in bfloat16 (the VAE's and the discriminator's), weights and
+    gradients stay float32, and the step's loss and gradients stay near float32's. Measured on this tiny random VAE:
+    loss within 0.02% (0.2% with the GAN), gradient cosine 0.995 (0.960 with the GAN: the adaptive weight scales
+    the discriminator's gradient, which bfloat16 moves most, up to the reconstruction's)."""
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    seen, results = {}, {}
+    for precision in ("no", "bf16"):
+        extra = {"discriminator": True, "disc_start": 0, "disc_channels": 8, "disc_layers": 2} if gan else {}
+        run = tv._start(_cfg(shapes, tmp_path / precision, mixed_precision=precision, **extra), tv.Dist())
+        run.batches = _Images([x])
+        modules = [(precision, run.vae.decoder.conv_out)] + [(precision + " disc", run.disc)] * gan
+        for name, module in modules:
+            module.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, o.dtype) and None)
+        values = tv._train_step(run)
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in run.params.values())
+        results[precision] = values, torch.cat([p.grad.flatten() for p in run.params.values()])
+    assert seen == {"no": torch.float32, "bf16": torch.bfloat16,
+                    **({"no disc": torch.float32, "bf16 disc": torch.bfloat16} if gan else {})}
+    (v32, g32), (v16, g16) = results["no"], results["bf16"]
+    assert all(map(torch.isfinite, map(torch.tensor, v16.values())))
+    assert v16["loss"] == pytest.approx(v32["loss"], rel=5e-3) and v16["disc"] == pytest.approx(v32["disc"], rel=5e-2)
+    assert float(torch.nn.functional.cosine_similarity(g16, g32, dim=0)) > cosine
+
+
 def test_resume_equals_the_uninterrupted_run_and_decoder_only_keeps_the_encoder(shapes, tmp_path):
     """4 steps in one go = 2 steps, then --resume latest to 4: the same VAE, EMA, optimizers, discriminator, bit
     for bit. decoder_only: the encoder and quant_conv are the input file's, bit for bit."""
@@ -287,6 +313,7 @@ def test_bad_input_is_one_line(shapes, tmp_path, capsys):
             f'output_dir = "{tmp_path / "out"}"\n')
     assert f"{tmp_path / 'nothing'}: not a folder" in run(good.replace(str(shapes / "data"), str(tmp_path / "nothing")))
     assert "rec_loss must be one of 'l1', 'l2'" in run(good + 'rec_loss = "l3"\n')
+    assert "overflows float16" in run(good + 'mixed_precision = "fp16"\n')
     assert "unknown key(s) kl_wieght (did you mean kl_weight?)" in run(good + "kl_wieght = 1\n")
     assert "decoder_only" in run(good.replace("model =", "init = \"tiny\"\n#") + "decoder_only = true\n")
     assert "needs both LPIPS weight files" in run(good.replace("perceptual_weight = 0", "perceptual_weight = 1"))

@@ -474,6 +474,10 @@ class _VAERun:
     def sharded(self) -> bool:
         return bool(self.units)
 
+    def autocast(self) -> torch.autocast:
+        """The forward passes' autocast (bf16 when mixed_precision asks; otherwise off)."""
+        return torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.cfg.mixed_precision == "bf16")
+
     def gan_on(self, step: int | None = None) -> bool:
         """Whether the GAN terms count at `step` (default: the step being trained, run.step + 1)."""
         step = self.step + 1 if step is None else step
@@ -611,23 +615,25 @@ def _micro_step(run: _VAERun, x: Tensor, last: bool) -> dict[str, Tensor]:
     sync = run.model.no_sync if d.world > 1 and not run.units and not last else contextlib.nullcontext
     gan = run.gan_on()
     factor = disc_lib.disc_factor(cfg.disc_factor, run.step + 1, cfg.disc_start) if gan else 0.0
-    with sync():
-        rec, mean, logvar = run.model(x, run.gen)
-        nll, kl, parts = autoencoder_loss(x, rec, mean, logvar, cfg, run.lpips)
-        loss = nll + cfg.kl_weight * kl
-        g = w = x.new_zeros(())
-        if gan:
-            with _frozen(run.disc):
-                g = disc_lib.generator_loss(run.disc(rec))
-            w = disc_lib.adaptive_weight(nll, g, run.vae.decoder.conv_out.weight, cfg.disc_weight)
-            loss = loss + w * factor * g
+    with sync():  # (backward inside it: DDP's no_sync covers the backward pass)
+        with run.autocast():
+            rec, mean, logvar = (t.float() for t in run.model(x, run.gen))  # the losses' sums in float32
+            nll, kl, parts = autoencoder_loss(x, rec, mean, logvar, cfg, run.lpips)
+            loss = nll + cfg.kl_weight * kl
+            g = w = x.new_zeros(())
+            if gan:
+                with _frozen(run.disc):
+                    g = disc_lib.generator_loss(run.disc(rec).float())
+                w = disc_lib.adaptive_weight(nll, g, run.vae.decoder.conv_out.weight, cfg.disc_weight)
+                loss = loss + w * factor * g
         (loss / cfg.grad_accum).backward()
     d_loss = x.new_zeros(())
     if gan:
         csync = run.critic.no_sync if d.world > 1 and not last else contextlib.nullcontext
         with csync():
-            real, fake = run.critic(x, rec.detach())
-            d_loss = factor * disc_lib.D_LOSSES[cfg.disc_loss](real, fake)
+            with run.autocast():
+                real, fake = (t.float() for t in run.critic(x, rec.detach()))
+                d_loss = factor * disc_lib.D_LOSSES[cfg.disc_loss](real, fake)
             (d_loss / cfg.grad_accum).backward()
     return {"loss": loss.detach(), "nll": nll.detach(), **{k: v.detach() for k, v in parts.items()},
             "g": g.detach(), "d_weight": w.detach(), "disc": d_loss.detach()}

@@ -22,6 +22,7 @@ REC_LOSSES = ("l1", "l2")
 DISC_LOSSES = ("hinge", "vanilla")
 SAVE_DTYPES = ("fp32", "fp16", "bf16")
 PARALLEL = ("ddp", "fsdp")
+PRECISIONS = ("no", "bf16")  # no fp16: SDXL's VAE overflows float16 inside its decoder (use `sdxl fix-vae-fp16`)
 
 
 @dataclass
@@ -55,6 +56,8 @@ class VAETrainConfig:
     warmup: int = 0  # steps of linear warm-up to lr; constant afterwards
     max_grad_norm: float = 0.0  # gradient clipping (0: off, as LDM)
     seed: int = 0  # random init, posterior samples, crops, flips, data order
+    # "bf16": torch.autocast for the forward passes (weights, optimizer state, EMA and the losses' sums stay float32)
+    mixed_precision: str = "no"
 
     # -- losses (per image: summed over pixels, as LDM's nll_loss / kl_loss; averaged over the batch)
     rec_loss: str = "l1"  # pixel regression: "l1" (LDM) or "l2"
@@ -115,8 +118,11 @@ def _validate(c: VAETrainConfig) -> None:
         raise ValueError("decoder_only fine-tunes an existing VAE's decoder: it needs `model`, not `init`")
     if not c.data:
         raise ValueError("data must name the image folder to train on")
+    if c.mixed_precision == "fp16":
+        raise ValueError("mixed_precision = \"fp16\" is not offered for the VAE: SDXL's VAE overflows float16 "
+                         "inside its decoder; use \"bf16\" (or \"no\")")
     for name, allowed in (("rec_loss", REC_LOSSES), ("disc_loss", DISC_LOSSES), ("save_dtype", SAVE_DTYPES),
-                          ("parallel", PARALLEL)):
+                          ("parallel", PARALLEL), ("mixed_precision", PRECISIONS)):
         choose(name, allowed)
     for name in ("resolution", "batch_size", "grad_accum", "steps", "log_every", "disc_layers", "disc_channels",
                  "eval_images"):

@@ -10,8 +10,10 @@ same settings dicts as the command line (`interfaces.metadata`), so an image equ
 settings and seed; the routes at the bottom only parse, submit, wait and shape.
 
 Choices where OpenAI's models and sdxl differ:
-- model: an id from /v1/models (the catalog's names); none: the server's current model (A1111's
-  sd_model_checkpoint, the command line's model unless POST /sdapi/v1/options changed it). Unknown: a 404.
+- model: an id from /v1/models (the catalog's names); none, or one of OpenAI's own image model names
+  (OPENAI_MODELS: dall-e-3, gpt-image-1, ..., which apps send unchanged), unless the catalog has a model of
+  that name: the server's current model (A1111's sd_model_checkpoint, the command line's model unless POST
+  /sdapi/v1/options changed it). Anything else: a 404.
 - size "auto" (the default): the model's native size, 64x64 for the built-in models and 1024x1024 for any
   other (SDXL's); for edits the input image's size, rounded down to multiples of 8 (what `sdxl generate
   --init-image` does). Sides must be multiples of 8; width x height x n is bounded by --max-pixels.
@@ -75,6 +77,8 @@ QUALITY_STEPS = {"low": 15, "medium": 25, "high": 40, "xhigh": 50, "max": 60, "a
 QUALITY_RUN = {"auto": "medium", "standard": "medium", "hd": "high"}  # the quality a response names
 Quality = Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"]
 FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
+# OpenAI's image models: apps and plugins written for OpenAI send these names (many with no way to change them).
+OPENAI_MODELS = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "chatgpt-image-latest")
 SDXL_NATIVE = 1024  # pixels: the side of full-size SDXL's native 1024x1024 (any model not built in)
 MAX_PARTIAL_IMAGES = 3  # OpenAI's bound
 POLL_SECONDS = 0.05  # how often a stream looks at its job (the workers update it from their threads)
@@ -201,11 +205,15 @@ def native_size(model: Model) -> tuple[int, int]:
 
 
 def find_model(name: str | None, server) -> Model:
-    """The request's model among the listed ones; none: the server's current model."""
-    wanted = name or server.options["sd_model_checkpoint"]
+    """The request's model among the listed ones; none, or an OpenAI model name the catalog does not list: the
+    server's current model."""
+    current = server.options["sd_model_checkpoint"]
+    wanted = name or current
     try:
         return server.catalog.find(wanted)
     except UnknownModel:
+        if wanted.strip().lower() in OPENAI_MODELS:
+            return server.catalog.find(current)
         names = ", ".join(repr(m.name) for m in server.catalog.models())
         raise ModelNotFound(f"the model {wanted!r} does not exist on this server; GET /v1/models lists them "
                             f"({names})") from None
