@@ -197,6 +197,9 @@ def test_every_generation_option_has_a_flag_that_reaches_the_pipeline(tmp_path):
     # The defaults are the API's.
     d = metadata.generation_options(metadata.settings_from_flags(vars(cli.build_parser().parse_args(["generate", "x"]))), "x")
     assert d == GenerationOptions(prompt="x")
+    # (resize_latents is for img2img without outpainting: apart from ALL_FLAGS)
+    latent = cli.build_parser().parse_args(["generate", "x", "--init-image", str(img), "--resize-latents"])
+    assert metadata.generation_options(metadata.settings_from_flags(vars(latent)), "x").resize_latents is True
 
 
 def test_generate_help_lists_the_new_flags_with_defaults(capsys):

@@ -94,6 +94,32 @@ def test_fill_masked_paints_the_hole_from_its_surroundings():
     assert out[30, 22, 0] > 150 and out[30, 41, 2] > 150 and out[20:44, 20:44, 1].max() < 30  # red left, blue right
 
 
+def test_resize_latents_encodes_the_image_at_its_size_and_resizes_its_latents(pipe, monkeypatch):
+    """AUTOMATIC1111's "Just resize (latent upscale)": the 32x32 image's latents (one posterior sample per image's
+    generator) resized bilinear to 64x64's, then noised, as by hand; at the image's own size it is plain img2img."""
+    from sdxl import sampling
+    from sdxl.images import to_tensor
+    from sdxl.latents import encode_image
+
+    init = Image.fromarray((pipe.generate(PROMPT, output="np", **dict(SMALL, width=32, height=32))[0] * 255)
+                           .astype(np.uint8))
+    started, real = [], sampling.add_noise
+    monkeypatch.setattr(sampling, "add_noise", lambda x, noise, plan: started.append(x) or real(x, noise, plan))
+    out = pipe.generate(PROMPT, init_image=init, resize_latents=True, strength=0.6, output="np", batch=2, **SMALL)
+    gens = [torch.Generator().manual_seed(SMALL["seed"] + i) for i in range(2)]
+    by_hand = upscale_latents(encode_image(pipe.base.vae, to_tensor(init), gens), 8, 8)
+    assert out.shape == (2, 64, 64, 3) and torch.equal(started[0], by_hand)
+    plain = pipe.generate(PROMPT, init_image=init, strength=0.6, output="np", **SMALL)  # the image resized instead
+    assert np.abs(out[0] - plain[0]).mean() > 1e-3
+    same_size = dict(SMALL, width=32, height=32)
+    assert np.array_equal(pipe.generate(PROMPT, init_image=init, resize_latents=True, output="np", **same_size),
+                          pipe.generate(PROMPT, init_image=init, output="np", **same_size))
+    with pytest.raises(OptionError, match="resize_latents"):
+        sdxl.GenerationOptions(resize_latents=True)
+    with pytest.raises(OptionError, match="resize_latents"):
+        sdxl.GenerationOptions(init_image=init, mask=Image.new("L", (32, 32), 255), resize_latents=True)
+
+
 def test_init_latents_shape_is_checked():
     with pytest.raises(OptionError, match="init_latents"):
         sdxl.GenerationOptions(init_latents=torch.zeros(1, 3, 8, 8))

@@ -63,6 +63,12 @@ def post(served, route: str, body) -> requests.Response:
     return requests.post(f"{served[0]}/sdapi/v1/{route}", json=body, timeout=120)
 
 
+def b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB")).astype(np.int16)
 
@@ -115,6 +121,21 @@ def test_img2img_and_inpainting_keep_the_pixels_outside_the_mask(api):
         diff = np.abs(pixels(out) - pixels(init)).max(axis=-1)
         assert diff[np.asarray(mask) == 0].max() == 0  # the init image's own pixels outside the mask
         assert diff[26:42, 26:42].mean() > 5  # repainted inside
+
+
+def test_img2img_latent_upscale_resize_mode_is_the_librarys_resize_latents(api, served):
+    """resize_mode 3 ("Just resize (latent upscale)"): the 32x32 init image encoded at its size, its latents
+    resized to 64x64: the library's resize_latents image, not the pixel-resized one (mode 0)."""
+    init = api.txt2img(prompt=PROMPT, seed=3, **dict(SMALL, width=32, height=32)).image
+    latent, plain = (api.img2img(images=[init], prompt=PROMPT, seed=1, denoising_strength=0.6, resize_mode=mode,
+                                 **SMALL).image for mode in (3, 0))
+    ours = sdxl.load("builtin").generate(PROMPT, init_image=init, resize_latents=True, strength=0.6, width=64,
+                                         height=64, steps=4, cfg=3.0, sampler="euler", seed=1)[0]
+    assert latent.size == (64, 64) and np.array_equal(pixels(latent), pixels(ours))
+    assert np.abs(pixels(latent) - pixels(plain)).mean() > 1
+    mask = Image.new("L", (32, 32), 255)
+    r = post(served, "img2img", dict(init_images=[b64(init)], mask=b64(mask), resize_mode=3, prompt=PROMPT, **SMALL))
+    assert r.status_code == 400 and "resize_mode 3" in r.json()["detail"], r.text
 
 
 def test_png_info_reads_the_infotext(api):

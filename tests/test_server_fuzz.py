@@ -310,7 +310,7 @@ IMAGE_SIDES = st.sampled_from([8, 20, SIDE, SIDE, 40])
 BOXES = st.sampled_from([None, (0, 0, 7, 7), (4, 4, 60, 60), (10, 2, 12, 30), (0, 0, 100, 100)])
 VALID_IMG2IMG = dict(
     mask=st.builds(b64_mask, IMAGE_SIDES, IMAGE_SIDES, BOXES),  # any size: resized to the init image's
-    resize_mode=st.integers(0, 2), inpainting_fill=st.integers(0, 3), inpaint_full_res=st.booleans(),
+    resize_mode=st.integers(0, 3), inpainting_fill=st.integers(0, 3), inpaint_full_res=st.booleans(),
     inpaint_full_res_padding=st.sampled_from([0, 4, 32]), mask_blur=st.sampled_from([0, 4, 2.5]),
     inpainting_mask_invert=st.integers(0, 1), include_init_images=st.booleans(),
     initial_noise_multiplier=st.sampled_from([None, 1.0]),

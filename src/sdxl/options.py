@@ -228,6 +228,9 @@ class GenerationOptions:
     hires: HiresFix | None = None  # a second pass at a larger size (txt2img and img2img, not inpainting)
     output: str = "pil"  # "pil" (list of images), "np" (float32 (B, H, W, 3) in [0, 1]), "latent"
     vae_tiling: bool = False  # encode / decode large images in tiles
+    # img2img: encode init_image at its own size (rounded down to multiples of 8) and resize its latents to width x
+    # height (bilinear), instead of resizing the image: AUTOMATIC1111's resize mode "Just resize (latent upscale)"
+    resize_latents: bool = False
 
     def __post_init__(self) -> None:
         self._check_text()
@@ -312,6 +315,9 @@ class GenerationOptions:
                 raise OptionError("outpaint", f"outpaint must be 4 non-negative integers (left, top, right, bottom), got {self.outpaint!r}")
         if self.init_latents is not None:
             self._check_latents()
+        if self.resize_latents and (self.init_image is None or self.mask is not None or self.outpaint is not None):
+            raise OptionError("resize_latents", "resize_latents resizes an img2img init_image's latents: it needs an "
+                                                "init_image and no mask or outpaint")
         if self.init_image is not None:
             w, h = imaging.image_size(self.init_image)
             if w < 8 or h < 8:

@@ -472,6 +472,8 @@ class Pipeline:
             return initial_noise(run.generators, shape, device) * plan.init_noise_sigma
         if run.mask is None:
             latents = encode_image(model.vae, run.init, run.generators, tiled=o.vae_tiling).to(device)
+            if o.resize_latents and latents.shape[2:] != shape[2:]:  # encoded at its own size
+                latents = upscale_latents(latents, shape[3], shape[2])
             return sampling.add_noise(latents, initial_noise(run.generators, shape, device), plan)
         run.inpaint, x = inpaint_start(
             model.vae, run.init, run.mask, run.generators, plan, shape,
@@ -530,7 +532,7 @@ def _images_in(o: GenerationOptions, model: Components) -> tuple[Tensor | None, 
             image, mask_image = imaging.outpaint_canvas(image, o.outpaint, fill=o.outpaint_fill)
         w0, h0 = imaging.image_size(image)
         width, height = o.width or w0 // 8 * 8, o.height or h0 // 8 * 8
-        init = imaging.to_tensor(image, width, height)
+        init = imaging.to_tensor(image, *((w0 // 8 * 8, h0 // 8 * 8) if o.resize_latents else (width, height)))
         if mask_image is not None:
             mask = imaging.prepare_mask(mask_image, width, height, o.mask_blur)
             if o.inpaint_fill == "fill":  # the masked region starts from the colours around it

@@ -796,6 +796,9 @@ def _add_image_arguments(gen: argparse.ArgumentParser) -> None:
     i = gen.add_argument_group("image-to-image, inpainting, outpainting")
     i.add_argument("--init-image", dest="init_image", help="start from this image (image-to-image)")
     i.add_argument("--strength", type=float, default=0.8, help="how much of the init image to repaint (0..1]")
+    i.add_argument("--resize-latents", dest="resize_latents", action="store_true",
+                   help="encode --init-image at its own size and resize its latents to --width x --height, not the "
+                        "image (AUTOMATIC1111's 'Just resize (latent upscale)')")
     i.add_argument("--mask", help="inpainting mask: white = repaint (needs --init-image)")
     i.add_argument("--mask-blur", dest="mask_blur", type=float, default=0.0, help="blur radius of the mask's edge (pixels)")
     i.add_argument("--outpaint", metavar="L,T,R,B", help="pixels to add left,top,right,bottom of --init-image")

@@ -52,6 +52,7 @@ OPTION_KEYS = (
     "outpaint", "outpaint_fill", "refiner_switch", "original_size", "crop_top_left", "target_size",
     "negative_original_size", "negative_crop_top_left", "negative_target_size", "aesthetic_score",
     "negative_aesthetic_score", "clip_skip", "vae_tiling", "emphasis", "loras", "inpaint_fill", "hires",
+    "resize_latents",
 )  # GenerationOptions' fields but `output` (what a call returns, not how an image is made)
 MODEL_KEYS = ("model", "refiner", "vae", "variant", "dtype", "device", "fp8", "low_memory")
 RUN_KEYS = (*MODEL_KEYS, "store_paths")
@@ -146,6 +147,7 @@ def settings_from_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
     s["hires"] = _hires_from_flags(flags) if s["hires"] else None
     s["loras"] = [parse_lora(text) for text in s["loras"] or ()]
     s["store_paths"] = bool(s["store_paths"])
+    s["resize_latents"] = bool(s["resize_latents"])
     return s
 
 
@@ -490,6 +492,7 @@ STORED_TYPES = {
     **dict.fromkeys(("cfg", "refiner_switch"), "number?"),
     **dict.fromkeys(("fp8", "vae_tiling", "store_paths"), "bool"),
     "low_memory": "bool?",  # images made before low-memory mode existed do not store it
+    "resize_latents": "bool?",  # (nor before resize_latents did)
     **dict.fromkeys((*SIZE_KEYS, "negative_crop_top_left"), "pair?"),
     "crop_top_left": "pair", "size": "pair", "outpaint": "ltrb?", "outpaint_fill": "fill", "loras": "loras",
     "lora_hashes": "hashes", "hires": "hires?",

@@ -266,8 +266,14 @@ def img2img_spec(body: Img2Img, server) -> Spec:
     s.update(strength=strength, init_image="init_images[0]")
     n_iter = n_iter_of(body, s, server)
     if body.mask:
+        if mode == images.LATENT_RESIZE:
+            raise RequestError("resize_mode 3 (just resize (latent upscale)) is for img2img without a mask; give "
+                               "0-2 for inpainting", field="resize_mode")
         return _inpaint_spec(body, server, s, init, found, n_iter)
-    resized = images.resize_mode(init, mode, s["width"], s["height"])
+    if mode == images.LATENT_RESIZE:
+        s["resize_latents"], resized = True, init
+    else:
+        resized = images.resize_mode(init, mode, s["width"], s["height"])
     if found["refiner"] is not None:
         s["refiner_switch"] = body.refiner_switch_at if body.refiner_switch_at else 0.8
     calls = make_calls(s, n_iter, server, {"init_image": resized, "mask": None})

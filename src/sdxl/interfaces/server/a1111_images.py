@@ -15,7 +15,8 @@ from PIL import Image, ImageOps
 from ...images import load_image, prepare_mask, resize
 
 DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
-RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill"}
+RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill", 3: "just resize (latent upscale)"}
+LATENT_RESIZE = 3  # the image encoded at its own size, its latents resized (GenerationOptions.resize_latents)
 
 
 def decode_image(field: str, value: object, *, mask: bool = False, max_pixels: int | None = None) -> Image.Image:
