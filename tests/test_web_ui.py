@@ -265,6 +265,62 @@ def test_progress_live_previews_queue_place_and_cancel(ui, served):
     expect(page.locator("#gallery img")).to_have_count(0)
 
 
+def test_a_reload_follows_the_tabs_running_and_queued_jobs_again(ui, served):
+    page = ui.page
+    label(page, "Prompt").fill(PROMPT)
+    set_fields(page, Steps=3000, Seed=5)
+    ids = []
+    for _ in range(2):
+        with page.expect_response("**/sdxl/v1/jobs/txt2img") as sent:
+            page.get_by_role("button", name="Generate", exact=False).first.click()
+        ids.append(sent.value.json()["id"])
+    expect(page.locator("#status")).to_contain_text("Step", timeout=TIMEOUT)
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]", timeout=20_000)
+    # the running job's progress moves on in the reloaded page, and the queued one is listed behind it
+    expect(page.locator("#status")).to_contain_text("Step", timeout=TIMEOUT)
+    first = int(re.search(r"Step (\d+)/3000", page.locator("#status").inner_text()).group(1))
+    page.wait_for_function("""n => { const m = /Step (\\d+)\\/3000/.exec(document.getElementById('status')
+                                                                    .textContent); return m && Number(m[1]) > n; }""",
+                           arg=first, timeout=TIMEOUT)
+    expect(page.locator("#queue li")).to_have_count(1)
+    expect(page.locator("#queue li")).to_contain_text("yours is next")
+    page.get_by_role("button", name="Remove the queued job").click()
+    expect(page.locator("#queue li")).to_have_count(0)
+    page.get_by_role("button", name="Cancel", exact=True).click()
+    expect(page.locator("#status")).to_have_text("Cancelled.", timeout=TIMEOUT)
+    assert [http_json(f"{served[0]}/sdxl/v1/jobs/{i}")["state"] for i in ids] == ["cancelled", "cancelled"]
+    page.reload()  # nothing left to follow
+    page.wait_for_selector("body[data-ready=true]", timeout=20_000)
+    expect(page.get_by_role("button", name="Cancel", exact=True)).to_be_disabled()
+    expect(page.locator("#status")).not_to_have_text("Cancelled.")
+
+
+def test_a_job_that_ends_while_the_page_is_away_shows_its_image_on_return(ui, served):
+    page = ui.page
+    label(page, "Prompt").fill(PROMPT)
+    set_fields(page, Steps=6, Seed=77, CFG_scale=5)
+    choose(page, "Sampler", "Euler a")
+    choose(page, "Schedule", "karras")
+    with page.expect_response("**/sdxl/v1/jobs/txt2img") as sent:
+        page.get_by_role("button", name="Generate").click()
+    job = sent.value.json()["id"]
+    page.goto("about:blank")  # away, in the same tab, before the job ends
+    deadline = time.time() + TIMEOUT / 1000
+    while http_json(f"{served[0]}/sdxl/v1/jobs/{job}")["state"] != "done" and time.time() < deadline:
+        time.sleep(0.1)
+    ui.open()
+    image = page.locator("#gallery").get_by_alt_text(f"{PROMPT} (seed 77)")
+    expect(image).to_have_count(1, timeout=TIMEOUT)  # shown once, not once per poll
+    expect(page.locator("#gallery img")).to_have_count(1)
+    sampler, schedule = a1111.from_a1111("Euler a", "karras")
+    ours = sdxl.load("builtin").generate(PROMPT, width=64, height=64, steps=6, cfg=5.0, sampler=sampler,
+                                         schedule=schedule, seed=77)[0]
+    assert np.array_equal(pixels_of(image.get_attribute("src")), np.asarray(ours.convert("RGB")))
+    ui.open()  # shown once: a second reload does not show it again
+    expect(page.locator("#gallery img")).to_have_count(0)
+
+
 def test_load_parameters_from_an_automatic1111_png_and_a_dropped_fooocus_png(ui):
     page = ui.page
     text = ("a fox <lora:pixel_style:0.6>\nNegative prompt: blurry\nSteps: 12, Sampler: DPM++ 2M, "

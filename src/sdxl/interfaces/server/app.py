@@ -187,7 +187,8 @@ def install_jobs(app: FastAPI, server: Server) -> None:
 def status_of(server: Server, job) -> dict[str, Any]:
     out = {"id": job.id, "state": job.state, "position": server.queue.position(job), "progress": job.progress(),
            "eta": round(job.eta(), 2), "call": job.call_no, "calls": len(job.spec.calls), "step": job.step,
-           "steps": job.steps, "images": len(job.outputs), "interrupted": job.interrupted}
+           "steps": job.steps, "images": len(job.outputs), "saved": sum(1 for o in job.outputs if o.path),
+           "interrupted": job.interrupted}
     if job.state == FAILED:
         out["error"] = errors.one_line(_status(job.error)[1])
     return out

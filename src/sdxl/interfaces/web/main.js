@@ -707,6 +707,7 @@ async function start() {
   } catch {
     // an older server, or none saved: the session's images only
   }
+  await jobs.restore(); // a reload: the jobs this tab had submitted, followed again
   document.body.dataset.ready = "true"; // the lists are in (tests and scripts wait for it)
 }
 
