@@ -205,9 +205,35 @@ def test_lists(api, served):
     models = api.get_sd_models()
     assert all(m["title"] == f"{m['model_name']} [{m['hash']}]" and len(m["sha256"]) == 64 for m in models)
     assert all("/" not in m["filename"] for m in models)  # file names, never where the server keeps them
+    sizes = {m["model_name"]: m["native_size"] for m in models}
+    assert sizes["builtin"] == sizes["mybase"] == builtin.NATIVE_SIZE  # mybase: a copy, known by its configs
     assert [u["name"] for u in api.get_latent_upscale_modes()][0] == "Latent"
     for route in ("memory", "cmd-flags", "scripts", "embeddings", "upscalers", "sd-vae"):
         assert requests.get(f"{served[0]}/sdapi/v1/{route}", timeout=10).status_code == 200
+
+
+def test_a_models_native_size_comes_from_its_own_configs_not_its_name(tmp_path):
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from sdxl.interfaces.server.catalog import Catalog
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "builtin_lookalike.safetensors")  # no configs: full-size SDXL
+    folder = tmp_path / "wide"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    (folder / "unet" / "config.json").write_text(json.dumps({"sample_size": 96}))
+    shutil.copy(builtin.FILES["builtin"], tmp_path / "tiny.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    sizes = {m.name: m.native_size() for m in Catalog([tmp_path], []).models()}
+    assert sizes == {"builtin_lookalike": 1024, "wide": 768, "tiny": 64, "broken": 1024, "builtin": 64,
+                     "builtin-refiner": 64}
+    # a file replaced in place is read again
+    shutil.copy(builtin.FILES["builtin"], tmp_path / "builtin_lookalike.safetensors")
+    os.utime(tmp_path / "builtin_lookalike.safetensors", ns=(1, 1))
+    assert {m.name: m.native_size() for m in Catalog([tmp_path], []).models()}["builtin_lookalike"] == 64
 
 
 @pytest.mark.parametrize("body, field", [

@@ -579,6 +579,26 @@ def test_size_presets_are_sdxls_buckets_scaled_as_the_trainer_scales_them(ui):
     assert presets.evaluate_all("os => os.map(o => o.value)")[1:] == [f"{w}x{h}" for w, h in buckets(1024, 64)]
 
 
+def test_size_presets_follow_the_native_size_the_server_lists_not_the_model_title(ui):
+    from sdxl.training.data import buckets
+
+    page = ui.page
+    # a full-size fine-tune whose name starts with "builtin", listed as the server would list it
+    def listing(route):
+        models = route.fetch().json()
+        models.append({**models[0], "title": "builtin_finetune [0123456789]", "model_name": "builtin_finetune",
+                       "native_size": 1024})
+        route.fulfill(json=models)
+
+    page.route("**/sdapi/v1/sd-models", listing)
+    ui.open()
+    presets = label(page, "Size preset").locator("option")
+    assert presets.evaluate_all("os => os.map(o => o.value)")[1:] == [f"{w}x{h}" for w, h in buckets(64, 8)]
+    label(page, "Model").select_option("builtin_finetune [0123456789]")
+    expect(label(page, "Width")).to_have_value("1024")
+    assert presets.evaluate_all("os => os.map(o => o.value)")[1:] == [f"{w}x{h}" for w, h in buckets(1024, 64)]
+
+
 def test_behind_the_servers_auth_the_page_and_its_event_stream_work_with_the_browsers_login(browser):
     config = ServerConfig(port=0, outputs=None, users={"ann": "s3cret"})
     with background(config) as (url, _):

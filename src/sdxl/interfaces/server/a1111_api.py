@@ -455,8 +455,10 @@ def router(server) -> APIRouter:
 
     @api.get("/sd-models")
     async def sd_models() -> list[dict[str, Any]]:
+        # native_size (not A1111's; its clients ignore it): the side the model makes best, for the web UI's presets
         return [{"title": m.title(), "model_name": m.name, "hash": m.short_hash(), "sha256": m.sha256(),
-                 "filename": m.filename, "config": None} for m in server.catalog.models()]
+                 "filename": m.filename, "config": None, "native_size": m.native_size()}
+                for m in server.catalog.models()]
 
     @api.get("/sd-vae")
     async def sd_vae() -> list[dict[str, Any]]:

@@ -8,13 +8,19 @@ the short hash; anything else, a path above all, is refused with the list of nam
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from ... import builtin
+from ...checkpoints.files import open_tensors
+from ...checkpoints.formats import read_json
+from ...checkpoints.keymap import CheckpointError
+from ...checkpoints.official import saved_configs
 from .. import hashes
 
+SDXL_NATIVE = 1024  # pixels: the side of full-size SDXL's native 1024x1024 (any model not built in)
 WEIGHT_SUFFIXES = (".safetensors",)  # the server reads no pickle-based checkpoint (.ckpt) from its folders
 
 
@@ -37,6 +43,28 @@ class Model:
     def title(self) -> str:
         short = self.short_hash()
         return f"{self.name} [{short}]" if short else self.name
+
+    def native_size(self) -> int:
+        """The side of the square it makes best (the web UI's presets, OpenAI's default size)."""
+        try:
+            return _native_size(self.path, self.path.stat().st_mtime_ns)
+        except OSError:
+            return SDXL_NATIVE
+
+
+@functools.lru_cache(maxsize=256)
+def _native_size(path: Path, _mtime_ns: int) -> int:
+    """The U-Net's latent sample_size x 8: from the configs our files carry (the built-in models, `sdxl train`'s
+    models of other sizes) or a diffusers folder's unet/config.json; else SDXL's 1024."""
+    try:
+        if path.is_dir():
+            size = read_json(path / "unet" / "config.json").get("sample_size")
+        else:
+            unet = (saved_configs(open_tensors(path)) or {}).get("unet")
+            size = unet.sample_size if unet else None
+    except (CheckpointError, OSError, AttributeError):
+        size = None  # a file that does not open says so when it is used
+    return size * 8 if isinstance(size, int) and size > 0 else SDXL_NATIVE
 
 
 class UnknownModel(ValueError):

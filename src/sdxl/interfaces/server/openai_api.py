@@ -79,7 +79,6 @@ Quality = Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "
 FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
 # OpenAI's image models: apps and plugins written for OpenAI send these names (many with no way to change them).
 OPENAI_MODELS = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "chatgpt-image-latest")
-SDXL_NATIVE = 1024  # pixels: the side of full-size SDXL's native 1024x1024 (any model not built in)
 MAX_PARTIAL_IMAGES = 3  # OpenAI's bound
 POLL_SECONDS = 0.05  # how often a stream looks at its job (the workers update it from their threads)
 DISCONNECT_POLLS = 5  # a stream asks whether its client is still there every 5 polls (0.25 s, as `Server.run`)
@@ -196,14 +195,6 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     return width, height
 
 
-def native_size(model: Model) -> tuple[int, int]:
-    """The size a model makes best: the built-in models' training size, else SDXL's 1024x1024."""
-    from ... import builtin
-
-    side = builtin.NATIVE_SIZE if model.source == "builtin" else SDXL_NATIVE
-    return side, side
-
-
 def find_model(name: str | None, server) -> Model:
     """The request's model among the listed ones; none, or an OpenAI model name the catalog does not list: the
     server's current model."""
@@ -291,7 +282,7 @@ def calls_of(s: dict[str, Any], server, pictures: dict | None = None, **extra) -
 
 def generation_spec(body: Generate, server) -> Spec:
     model = find_model(body.model, server)
-    s = settings_of(body, server, parse_size(body.size) or native_size(model))
+    s = settings_of(body, server, parse_size(body.size) or (model.native_size(),) * 2)
     return Spec("generations", model, calls_of(s, server))
 
 

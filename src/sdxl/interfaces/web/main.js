@@ -111,8 +111,13 @@ async function loadLists() {
 
 // -- sizes
 
+// The listed model of this title (its native_size sets the size presets).
+function modelOf(title) {
+  return state.models.find((m) => m.title === title);
+}
+
 function presets() {
-  const { resolution, multiple } = nativeOf($("model").value);
+  const { resolution, multiple } = nativeOf(modelOf($("model").value));
   return buckets(resolution, multiple);
 }
 
@@ -148,8 +153,8 @@ function setSize(w, h) {
 
 // A model of another native size: the size scaled to it (same aspect ratio), and its presets.
 function modelChanged() {
-  const before = nativeOf(state.model);
-  const after = nativeOf($("model").value);
+  const before = nativeOf(modelOf(state.model));
+  const after = nativeOf(modelOf($("model").value));
   state.model = $("model").value;
   if (before.resolution !== after.resolution) {
     // the same aspect ratio at the new model's size
@@ -237,7 +242,7 @@ async function setInit(src, { name = "image", resize = true } = {}) {
   painter.reset(w, h);
   clearError($("init-image"));
   if (resize) {
-    const [sw, sh] = sizeFor(w, h, $("model").value);
+    const [sw, sh] = sizeFor(w, h, modelOf($("model").value));
     setSize(sw, sh);
   }
   saveSettings();
@@ -695,7 +700,7 @@ async function start() {
   install();
   await loadLists();
   const stored = storedSettings();
-  const defaults = nativeOf($("model").value);
+  const defaults = nativeOf(modelOf($("model").value));
   setSize(defaults.resolution, defaults.resolution);
   for (const el of settingElements()) setValue(el, stored[el.id]);
   setMode(stored.mode);

@@ -9,11 +9,12 @@ const SDXL_BUCKETS = [
   [640, 1600], [576, 1664], [576, 1728], [576, 1792], [512, 1856], [512, 1920], [512, 1984], [512, 2048],
 ];
 
-// The built-in models were trained at 64x64 pixels (sdxl.builtin.NATIVE_SIZE); their titles start with "builtin".
-export function nativeOf(modelTitle) {
-  return String(modelTitle || "").toLowerCase().startsWith("builtin")
-    ? { resolution: 64, multiple: 8 }
-    : { resolution: 1024, multiple: 64 };
+// A model's native size, from its entry in /sdapi/v1/sd-models (native_size: 64 for the built-in models, 1024 for
+// SDXL); a model the server does not list is taken as SDXL. Sides are multiples of 8 below 512 pixels, else of 64.
+export function nativeOf(model) {
+  const given = Number(model?.native_size);
+  const resolution = Number.isInteger(given) && given > 0 ? given : 1024;
+  return { resolution, multiple: resolution < 512 ? 8 : 64 };
 }
 
 // The buckets scaled to area ~resolution^2 with sides multiples of `multiple`: of the four floor/ceil roundings,
@@ -71,8 +72,8 @@ export function nearest(w, h, list) {
 
 // The size to use for an image of w x h with this model: its own when it suits the model (sides multiples of 8,
 // area at most 1.5x the model's), else the nearest bucket.
-export function sizeFor(w, h, modelTitle) {
-  const { resolution, multiple } = nativeOf(modelTitle);
+export function sizeFor(w, h, model) {
+  const { resolution, multiple } = nativeOf(model);
   if (w % 8 === 0 && h % 8 === 0 && w * h <= 1.5 * resolution * resolution) return [w, h];
   return nearest(w, h, buckets(resolution, multiple));
 }
