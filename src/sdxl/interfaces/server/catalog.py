@@ -20,7 +20,7 @@ from ...checkpoints.keymap import CheckpointError
 from ...checkpoints.official import saved_configs
 from .. import hashes
 
-SDXL_NATIVE = 1024  # pixels: the side of full-size SDXL's native 1024x1024 (any model not built in)
+SDXL_NATIVE = 1024  # pixels: full-size SDXL's side, for any model whose file carries no U-Net config
 WEIGHT_SUFFIXES = (".safetensors",)  # the server reads no pickle-based checkpoint (.ckpt) from its folders
 
 
